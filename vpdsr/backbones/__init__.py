@@ -1,0 +1,146 @@
+"""Named backbones: a diffusers ``AutoencoderKL`` plus ``UNet2DConditionModel`` from a bundled config.
+
+The configs live as JSON beside this file so that nothing is ever fetched from a hub: a
+backbone is fully described by its JSON, which is also copied into every model file so a
+student stays loadable even if we change the bundled files later.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from ..errors import ModelFileError
+
+__all__ = [
+    "Backbone",
+    "BackboneConfig",
+    "alphas_cumprod",
+    "available_backbones",
+    "backbone_config",
+    "build_backbone",
+]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The architecture and the noise-schedule facts a one-step student depends on."""
+
+    name: str
+    vae: dict[str, Any]
+    unet: dict[str, Any]
+    scheduler: dict[str, Any]
+    prompt_embed_shape: tuple[int, int]
+    text_encoder: dict[str, Any] | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent pixel: each VAE block but the last halves the resolution."""
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae["latent_channels"])
+
+    @property
+    def scaling_factor(self) -> float:
+        """Latents are multiplied by this so they have roughly unit variance for the UNet."""
+        return float(self.vae.get("scaling_factor", 1.0))
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.get("prediction_type", "epsilon"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "name": self.name,
+            "description": self.description,
+            "vae": self.vae,
+            "unet": self.unet,
+            "scheduler": self.scheduler,
+            "text_encoder": self.text_encoder,
+            "prompt_embed_shape": list(self.prompt_embed_shape),
+        }
+        data.update(self.extra)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneConfig:
+        known = {"name", "description", "vae", "unet", "scheduler", "text_encoder", "prompt_embed_shape"}
+        missing = {"name", "vae", "unet", "scheduler", "prompt_embed_shape"} - data.keys()
+        if missing:
+            raise ModelFileError(f"backbone config lacks {sorted(missing)}")
+        shape = tuple(int(v) for v in data["prompt_embed_shape"])
+        if len(shape) != 2:
+            raise ModelFileError(f"prompt_embed_shape must be (tokens, dim), got {shape}")
+        return cls(
+            name=str(data["name"]),
+            vae=dict(data["vae"]),
+            unet=dict(data["unet"]),
+            scheduler=dict(data["scheduler"]),
+            prompt_embed_shape=shape,  # type: ignore[arg-type]
+            text_encoder=data.get("text_encoder"),
+            description=str(data.get("description", "")),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+@dataclass
+class Backbone:
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    config: BackboneConfig
+
+
+def available_backbones() -> list[str]:
+    files = resources.files(__package__).joinpath("configs").iterdir()
+    return sorted(f.name.removesuffix(".json") for f in files if f.name.endswith(".json"))
+
+
+def backbone_config(name_or_config: str | dict[str, Any] | BackboneConfig) -> BackboneConfig:
+    """Resolve a bundled name, a config dict (e.g. from a model file) or a config itself."""
+    if isinstance(name_or_config, BackboneConfig):
+        return name_or_config
+    if isinstance(name_or_config, dict):
+        return BackboneConfig.from_dict(name_or_config)
+    names = available_backbones()
+    if name_or_config not in names:
+        raise ModelFileError(f"unknown backbone {name_or_config!r}; bundled backbones are {names}")
+    text = resources.files(__package__).joinpath("configs", f"{name_or_config}.json").read_text()
+    return BackboneConfig.from_dict(json.loads(text))
+
+
+def build_backbone(
+    name_or_config: str | dict[str, Any] | BackboneConfig, device: torch.device | str | None = None
+) -> Backbone:
+    """Build randomly initialised parts; ``device="meta"`` allocates nothing (for checks)."""
+    config = backbone_config(name_or_config)
+    with torch.device(device or "cpu"):
+        vae = AutoencoderKL(**config.vae)
+        unet = UNet2DConditionModel(**config.unet)
+    return Backbone(vae=vae, unet=unet, config=config)
+
+
+def alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
+    """The DDPM signal fractions abar_t, in float64, from the scheduler facts of a config.
+
+    Only the two schedules SD-family models use are supported; anything else would silently
+    change what the timestep means, so it is refused.
+    """
+    steps = int(scheduler.get("num_train_timesteps", 1000))
+    start, end = float(scheduler["beta_start"]), float(scheduler["beta_end"])
+    kind = scheduler.get("beta_schedule", "scaled_linear")
+    if kind == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+    elif kind == "linear":
+        betas = torch.linspace(start, end, steps, dtype=torch.float64)
+    else:
+        raise ModelFileError(f"unsupported beta_schedule {kind!r} (expected scaled_linear or linear)")
+    return torch.cumprod(1.0 - betas, dim=0)
