@@ -113,7 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--backbone", default="sd21-base", help="backbone it was trained on (default sd21-base)")
     conv.add_argument("--prompt", default="", help="prompt to condition on (computed with the base's text encoder at load)")
     conv.set_defaults(func=cmd_convert_osediff)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Front-ends add their own subcommands (e.g. ``vpdsr demo``) through entry points, so the
+    core never imports them; a front-end whose dependencies are missing simply adds nothing."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="vpdsr.commands"):
+        try:
+            register = entry.load()
+        except ImportError:
+            continue
+        register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
