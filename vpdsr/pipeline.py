@@ -173,9 +173,8 @@ class VPDPipeline:
         # The UNet works at latent size, where memory is cheap, and its tile borders cost the
         # most accuracy (its deepest layers see the whole tile), so it gets tiles twice as wide.
         ut, uo = min(2 * lt, ceil_to(max(h, w) // f, la)), min(2 * lo, 2 * lt - la)
-        passes = 1
-        total = count_calls(h, w, tile_px, overlap_px, m, passes) + count_calls(h // f, w // f, ut, uo, la, passes)
-        total += count_calls(h // f, w // f, lt, lo, la, passes)
+        total = count_calls(h, w, tile_px, overlap_px, m) + count_calls(h // f, w // f, ut, uo, la)
+        total += count_calls(h // f, w // f, lt, lo, la)
         done = 0
 
         def step() -> None:
@@ -184,7 +183,7 @@ class VPDPipeline:
             if progress:
                 progress(done, total)
 
-        run: dict[str, Any] = dict(stat_passes=passes, step=step, should_stop=should_stop)
+        run: dict[str, Any] = dict(step=step, should_stop=should_stop)
         z = tiled_apply(s.encode, x_pad, tile=tile_px, overlap=overlap_px, ratio=Fraction(1, f), align=m,
                         norm_modules=[s.vae.encoder], **run)  # fmt: skip
         x0 = tiled_apply(lambda t: s.denoise(t, cond), z, tile=ut, overlap=uo, ratio=Fraction(1), align=la,

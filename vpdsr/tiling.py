@@ -5,10 +5,10 @@ Two things make tiles visible in naive implementations, and both are handled her
   mostly from tiles in which it lies far from an edge;
 - GroupNorm: every tile would normalise with its own statistics, so flat and busy tiles would
   come out with different contrast. ``GroupNormSync`` makes every GroupNorm use whole-image
-  statistics: a first pass over the tiles records each layer's per-group sums, each pixel
-  weighted by the same blending share it gets in the output (so shares sum to one per pixel
-  and pixels near tile edges, which see zero padding, count least); the final pass normalises
-  with the totals.
+  statistics instead. They are recorded in one extra pass over the *whole* input, shrunk so
+  that it costs about four tiles. We tried recording them tile by tile instead: each tile's
+  upstream layers then normalise with the wrong statistics, and on the tiny model the result
+  was ~40 dB from the untiled output, against ~60 dB for the shrunk whole image.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import Cancelled
 
-__all__ = ["GroupNormSync", "Tile", "ceil_to", "count_calls", "gaussian_window", "plan_tiles", "tiled_apply"]
+__all__ = ["GroupNormSync", "Tile", "ceil_to", "count_calls", "gaussian_window", "plan_tiles", "shrink_for_statistics", "tiled_apply"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,10 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, align: int = 1)
     return [Tile(y0, y1, x0, x1) for (y0, y1) in _axis(height, tile, overlap, align) for (x0, x1) in _axis(width, tile, overlap, align)]
 
 
-def count_calls(height: int, width: int, tile: int, overlap: int, align: int, stat_passes: int) -> int:
+def count_calls(height: int, width: int, tile: int, overlap: int, align: int) -> int:
     """How many times ``tiled_apply`` will call its function: the progress bar's total."""
     n = len(plan_tiles(height, width, tile, overlap, align))
-    return 1 if n == 1 else n * (1 + stat_passes)
+    return 1 if n == 1 else n + 1
 
 
 def gaussian_window(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -80,19 +80,14 @@ class GroupNormSync:
         self.norms = [m for module in modules for m in module.modules() if isinstance(m, nn.GroupNorm)]
         self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sums: dict[int, torch.Tensor] = {}
-        self.share: torch.Tensor | None = None  # the current tile's share of each of its pixels
         self.recording = True
 
     def _forward(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         g, key = norm.num_groups, id(norm)
-        if self.recording and self.share is not None:
-            share = F.adaptive_avg_pool2d(self.share[None, None], (h, w)).to(x.device, torch.float64).reshape(1, 1, 1, -1)
-            xg = x.double().reshape(b, g, c // g, h * w)
-            weighted = xg * share
-            count = (share.sum() * (c // g)).expand(b, g)
-            sums = torch.stack([weighted.sum((2, 3)), (weighted * xg).sum((2, 3)), count])
-            self._sums[key] = self._sums[key] + sums if key in self._sums else sums
+        if self.recording:
+            xg = x.double().reshape(b, g, -1)
+            self._sums[key] = torch.stack([xg.mean(-1), (xg * xg).mean(-1)])
         if key not in self.stats:
             return F.group_norm(x, g, norm.weight, norm.bias, norm.eps)
         mean, var = self.stats[key]
@@ -103,11 +98,11 @@ class GroupNormSync:
         return y
 
     def finish_pass(self) -> None:
-        """Turn the sums of the pass just run into the statistics the next pass normalises with."""
-        for key, (s, ss, n) in self._sums.items():
-            mean = s / n
-            self.stats[key] = (mean.float(), (ss / n - mean * mean).clamp_min(0).float())
+        """Turn the moments recorded so far into the statistics later calls normalise with."""
+        for key, (mean, mean_sq) in self._sums.items():
+            self.stats[key] = (mean.float(), (mean_sq - mean * mean).clamp_min(0).float())
         self._sums = {}
+        self.recording = False
 
     @contextmanager
     def active(self) -> Iterator[GroupNormSync]:
@@ -129,14 +124,13 @@ def tiled_apply(
     ratio: Fraction,
     align: int,
     norm_modules: list[nn.Module],
-    stat_passes: int = 1,
     step: Callable[[], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Run ``fn`` over overlapping tiles of ``x`` and blend the results.
 
     ``ratio`` is output size over input size (1/4 for a x4 encoder, 4 for its decoder). Tiling
-    costs ``1 + stat_passes`` calls per tile; a single tile costs exactly one.
+    costs one call per tile plus the statistics pass; a single tile costs exactly one call.
     """
     _, _, h, w = x.shape
     tiles = plan_tiles(h, w, tile, overlap, align)
@@ -146,21 +140,13 @@ def tiled_apply(
         if step:
             step()
         return out
-    windows = [gaussian_window(t.y1 - t.y0, t.x1 - t.x0) for t in tiles]
-    coverage = torch.zeros(h, w)
-    for t, win in zip(tiles, windows):
-        coverage[t.y0 : t.y1, t.x0 : t.x1] += win
     sync = GroupNormSync(norm_modules)
     with sync.active():
-        for _ in range(stat_passes):
-            for t, win in zip(tiles, windows):
-                _check(should_stop)
-                sync.share = win / coverage[t.y0 : t.y1, t.x0 : t.x1]
-                fn(x[:, :, t.y0 : t.y1, t.x0 : t.x1])
-                if step:
-                    step()
-            sync.finish_pass()
-        sync.recording = False
+        _check(should_stop)
+        fn(shrink_for_statistics(x, tile, align))
+        sync.finish_pass()
+        if step:
+            step()
         out = weight = None
         for t in tiles:
             _check(should_stop)
@@ -177,6 +163,16 @@ def tiled_apply(
                 step()
     assert out is not None and weight is not None
     return (out / weight).to(x.dtype)
+
+
+def shrink_for_statistics(x: torch.Tensor, tile: int, align: int) -> torch.Tensor:
+    """The whole input, antialiased down to about four tiles' area (never enlarged)."""
+    h, w = x.shape[2:]
+    factor = max(1.0, math.sqrt(h * w / (4 * tile * tile)))
+    size = (max(align, round(h / factor / align) * align), max(align, round(w / factor / align) * align))
+    if size == (h, w):
+        return x
+    return F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False).to(x.dtype)
 
 
 def ceil_to(value: int, multiple: int) -> int:
