@@ -6,6 +6,7 @@ model file's metadata and rebuilt exactly, including OSEDiff's three UNet adapte
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -70,7 +71,9 @@ def default_lora_targets(model: nn.Module, suffixes: tuple[str, ...], prefix: st
 def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Inject an adapter and make it active alongside any adapters already there."""
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights="gaussian", target_modules=list(spec.targets))
-    inject_adapter_in_model(config, model, adapter_name=spec.name)
+    with warnings.catch_warnings():  # several adapters on one model is what we want (OSEDiff has three)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, model, adapter_name=spec.name)
     names = sorted({n for m in model.modules() if isinstance(m, BaseTunerLayer) for n in m.lora_A.keys()})
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):

@@ -27,7 +27,7 @@ from .errors import ModelFileError
 from .lora import LoraSpec, add_lora
 from .model import OneStepStudent
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "StudentMeta", "load_student", "read_meta", "save_student"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "StudentMeta", "load_student", "read_meta", "save_student", "write_model_file"]
 
 FORMAT = "vpdsr-student"
 FORMAT_VERSION = 1
@@ -140,11 +140,7 @@ def save_student(
     name: str = "",
     training_info: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a student; ``weights="full"`` expects merged (adapter-free) parts.
-
-    The file is written next to its destination and renamed into place, so an interrupted save
-    never leaves a truncated model where a good one was.
-    """
+    """Write a student; ``weights="full"`` expects merged (adapter-free) parts."""
     path = Path(path)
     meta = StudentMeta(
         backbone=student.config,
@@ -159,11 +155,21 @@ def save_student(
     )
     if weights == "full" and any("lora_" in n for n, _ in student.named_parameters()):
         raise ValueError("merge the LoRA adapters (vpdsr.lora.merge_lora) before saving full weights")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _trained_state(student, weights).items()}
-    tensors["prompt_embeds"] = student.prompt_embeds.detach().to("cpu").float().contiguous()
+    tensors = _trained_state(student, weights)
+    tensors["prompt_embeds"] = student.prompt_embeds.float()
+    return write_model_file(path, meta, tensors)
+
+
+def write_model_file(path: str | Path, meta: StudentMeta, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write tensors and metadata as a model file; importers use it without building a student.
+
+    The file is written next to its destination and renamed into place, so an interrupted save
+    never leaves a truncated model where a good one was.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"vpdsr": meta.to_json()})
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"vpdsr": meta.to_json()})
     tmp.replace(path)
     return path
 
