@@ -1,0 +1,153 @@
+"""One-Step SR: the node runs the core pipeline; it only adds what ComfyUI owns.
+
+That is the device and memory management, the progress bar, the interrupt button, and the
+IMAGE layout: ComfyUI images are BHWC, the core works in BCHW, and the conversion happens here
+and nowhere else. Tiling, the out-of-memory retry and colour fixes are the core's.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy import model_management
+from comfy.utils import ProgressBar
+from comfy_api.latest import io
+
+from vpdsr import VPDPipeline
+from vpdsr.color import COLOR_FIXES
+from vpdsr.errors import Cancelled, VPDError
+
+from .nodes_load import CATEGORY
+from .sockets import VPDModel
+
+# Activation values per output pixel in the widest stage (the VAE decoder's full-resolution
+# blocks: a few 128-channel feature maps); an estimate for free_memory, not a limit.
+_VALUES_PER_OUTPUT_PIXEL = 3 * 128
+_UNTILED_PIXELS = 1024 * 1024  # what the core's automatic tile size processes in one piece
+
+
+def bhwc_to_bchw(image: torch.Tensor) -> torch.Tensor:
+    return image.movedim(-1, 1)
+
+
+def bchw_to_bhwc(image: torch.Tensor) -> torch.Tensor:
+    return image.movedim(1, -1).contiguous()
+
+
+def memory_estimate(pipe: VPDPipeline, image: torch.Tensor, scale: float, tile: int | None) -> int:
+    """Weights plus the activations of one tile (or of the whole image, when it is not tiled)."""
+    weights = sum(t.numel() * t.element_size() for t in pipe.student.state_dict().values())
+    out_pixels = round(image.shape[1] * scale) * round(image.shape[2] * scale)
+    tile_pixels = min(out_pixels, tile * tile if tile else _UNTILED_PIXELS)
+    dtype_bytes = torch.finfo(pipe.dtype).bits // 8
+    return int(weights + tile_pixels * image.shape[0] * _VALUES_PER_OUTPUT_PIXEL * dtype_bytes)
+
+
+class OneStepSR(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VPDSR_OneStepSR",
+            display_name="One-Step SR (VPD-SR)",
+            category=CATEGORY,
+            description="Super-resolves an image batch with one diffusion step of a VPD-SR student.",
+            inputs=[
+                io.Image.Input("image", tooltip="Low-resolution RGB image batch."),
+                VPDModel.Input("vpd_model", tooltip="A student from Load VPD Model."),
+                io.Float.Input(
+                    "scale",
+                    default=4.0,
+                    min=1.0,
+                    max=8.0,
+                    step=0.5,
+                    tooltip="Output size over input size (1 to 8). Students are trained at x4.",
+                ),
+                io.Int.Input(
+                    "tile_size",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    step=64,
+                    tooltip="Output-pixel tile size; 0 = automatic (up to 1 megapixel in one piece, else 1024 px "
+                    "tiles on CUDA and 512 px elsewhere). Halved automatically when memory runs out.",
+                ),
+                io.Int.Input(
+                    "tile_overlap",
+                    default=64,
+                    min=0,
+                    max=512,
+                    step=8,
+                    tooltip="Output pixels shared by neighbouring tiles, blended so seams do not show.",
+                ),
+                io.Combo.Input(
+                    "color_fix",
+                    options=list(COLOR_FIXES),
+                    default="adain",
+                    tooltip="Match the output's colours to the input: adain (per-channel mean and spread), "
+                    "wavelet (keep the input's low frequencies) or none.",
+                ),
+                io.String.Input(
+                    "prompt",
+                    default="",
+                    multiline=True,
+                    optional=True,
+                    tooltip="Optional text prompt (e.g. the inspector's tags). Needs a student with a text "
+                    "encoder (LoRA students on an SD base); empty uses the prompt stored in the model.",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Optional per-pixel strength in [0, 1]: 1 = full generative detail, 0 = keep the "
+                    "input's content (upscaled through the VAE). Any size; resized to the image.",
+                ),
+            ],
+            outputs=[io.Image.Output("upscaled", tooltip="The upscaled batch.")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        image: torch.Tensor,
+        vpd_model: VPDPipeline,
+        scale: float,
+        tile_size: int,
+        tile_overlap: int,
+        color_fix: str,
+        prompt: str = "",
+        mask: torch.Tensor | None = None,
+    ) -> io.NodeOutput:
+        if image.dim() != 4 or image.shape[-1] != 3:
+            raise VPDError(f"One-Step SR takes an RGB IMAGE batch (B, H, W, 3), got shape {tuple(image.shape)}")
+        if mask is not None and mask.dim() == 3 and mask.shape[0] not in (1, image.shape[0]):
+            raise VPDError(
+                f"the mask batch has {mask.shape[0]} masks for {image.shape[0]} images; give one, or one per image"
+            )
+        tile = tile_size or None
+        device = model_management.get_torch_device()
+        model_management.free_memory(memory_estimate(vpd_model, image, scale, tile), device)
+        bar: ProgressBar | None = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = ProgressBar(total)
+            bar.update_absolute(done, total)
+
+        vpd_model.to(device)
+        try:
+            out = vpd_model(
+                bhwc_to_bchw(image),
+                scale=scale,
+                prompt=prompt.strip() or None,
+                tile=tile,
+                overlap=tile_overlap,
+                color_fix=color_fix,
+                mask=mask,
+                progress=progress,
+                should_stop=model_management.processing_interrupted,
+            )
+        except Cancelled:
+            model_management.throw_exception_if_processing_interrupted()  # ComfyUI's own "interrupted"
+            raise
+        finally:
+            vpd_model.to(model_management.unet_offload_device())
+        return io.NodeOutput(bchw_to_bhwc(out))
