@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny students built offline, and small photo-like images made here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vpdsr import OneStepStudent, build_backbone, save_student
+
+
+def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth image with edges and texture: what a photo looks like to the networks."""
+    rng = np.random.default_rng(seed)
+    low = torch.from_numpy(rng.random((1, 3, 6, 6), dtype=np.float32))
+    base = F.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)[0]
+    yy, xx = np.mgrid[0:height, 0:width]
+    stripes = 0.15 * np.sin(xx / 3.0 + yy / 7.0)[None]
+    disc = ((yy - height / 2) ** 2 + (xx - width / 3) ** 2 < (min(height, width) / 4) ** 2)[None] * 0.2
+    img = (base.numpy() + stripes + disc).clip(0, 1)
+    return (img.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def random_student_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    parts = build_backbone("tiny")
+    student = OneStepStudent(parts.vae, parts.unet, parts.config, prompt_embeds=torch.randn(8, 64))
+    return save_student(tmp_path_factory.mktemp("models") / "random.safetensors", student, name="random-tiny")
+
+
+@pytest.fixture(scope="session")
+def trained_student_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny student fitted for a few seconds to reproduce its input.
+
+    Random networks are chaotic (tiny input changes swing the output), which says nothing
+    about tiling on real models; a few steps of fitting make it behave like a trained one.
+    """
+    torch.manual_seed(0)
+    parts = build_backbone("tiny")
+    student = OneStepStudent(parts.vae, parts.unet, parts.config)
+    params = [p for n, p in student.named_parameters() if n != "prompt_embeds"]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    images = torch.stack([torch.from_numpy(photo_like(48, 48, seed)).permute(2, 0, 1) for seed in range(8)]).float() / 127.5 - 1
+    for step in range(60):
+        batch = images[(step * 4) % 8 : (step * 4) % 8 + 4]
+        loss = F.l1_loss(student(batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_student(tmp_path_factory.mktemp("models") / "trained.safetensors", student.eval(), name="fitted-tiny")
+
+
+@pytest.fixture
+def photo_file(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    Image.fromarray(photo_like(40, 56)).save(path)
+    return path

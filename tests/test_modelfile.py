@@ -1,0 +1,126 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vpdsr import OneStepStudent, build_backbone, load_student, read_meta, save_student
+from vpdsr.errors import ModelFileError
+from vpdsr.lora import UNET_TARGET_SUFFIXES, LoraSpec, add_lora, default_lora_targets, merge_lora
+
+
+def _student(seed: int = 0) -> OneStepStudent:
+    torch.manual_seed(seed)
+    parts = build_backbone("tiny")
+    return OneStepStudent(parts.vae, parts.unet, parts.config, timestep=900, prompt_embeds=torch.randn(8, 64)).eval()
+
+
+def test_full_round_trip(tmp_path: Path):
+    student = _student()
+    path = save_student(tmp_path / "s.safetensors", student, prompt="a photo", training_info={"steps": 3})
+    meta = read_meta(path)
+    assert meta.backbone.name == "tiny" and meta.timestep == 900 and meta.prompt == "a photo"
+    assert meta.training == {"steps": 3} and meta.weights == "full"
+    loaded = load_student(path)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(student(x), loaded(x))
+    assert torch.equal(loaded.prompt_embeds, student.prompt_embeds)
+
+
+def test_lora_round_trip_and_merge(tmp_path: Path):
+    base = _student()
+    spec = LoraSpec("unet", "default", rank=4, alpha=4.0, targets=default_lora_targets(base.unet, UNET_TARGET_SUFFIXES))
+    add_lora(base.unet, spec)
+    with torch.no_grad():
+        for name, p in base.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    path = save_student(tmp_path / "lora.safetensors", base, weights="lora", lora=[spec])
+    stored = load_file(str(path))
+    assert all("lora_" in k or k.startswith("unet.conv_in.") or k == "prompt_embeds" for k in stored)
+    fresh = _student()  # the same base weights, as a user's base checkpoint would give
+    loaded = load_student(path, base=fresh)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = base(x)
+        assert torch.allclose(loaded(x), expected, atol=1e-5)
+        merge_lora(loaded.unet)
+        assert not any("lora_" in n for n, _ in loaded.unet.named_parameters())
+        assert torch.allclose(loaded(x), expected, atol=1e-4)
+
+
+def test_lora_file_without_base_is_refused(tmp_path: Path):
+    student = _student()
+    spec = LoraSpec("unet", "default", rank=2, alpha=2.0, targets=("conv_in",))
+    add_lora(student.unet, spec)
+    path = save_student(tmp_path / "l.safetensors", student, weights="lora", lora=[spec])
+    with pytest.raises(ModelFileError, match="needs its base weights"):
+        load_student(path)
+
+
+def test_full_save_refuses_unmerged_lora(tmp_path: Path):
+    student = _student()
+    add_lora(student.unet, LoraSpec("unet", "default", rank=2, alpha=2.0, targets=("conv_in",)))
+    with pytest.raises(ValueError, match="merge"):
+        save_student(tmp_path / "x.safetensors", student)
+
+
+@pytest.fixture
+def good_file(tmp_path: Path) -> Path:
+    return save_student(tmp_path / "good.safetensors", _student())
+
+
+def _rewrite(src: Path, dst: Path, tensors=None, meta=None) -> Path:
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        header = dict(f.metadata())
+    data = load_file(str(src)) if tensors is None else tensors
+    if meta is not None:
+        header["vpdsr"] = json.dumps(meta(json.loads(header["vpdsr"]))) if callable(meta) else meta
+    save_file(data, str(dst), metadata=header)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p, d: d / "missing.safetensors", "not found"),
+        (lambda p, d: (d / "x.ckpt").write_bytes(b"x") and d / "x.ckpt", "are .safetensors"),
+        (lambda p, d: (d / "junk.safetensors").write_bytes(b"\x00" * 64) and d / "junk.safetensors", "not a readable"),
+        (lambda p, d: (d / "cut.safetensors").write_bytes(p.read_bytes()[:5000]) and d / "cut.safetensors", "not a readable|damaged"),
+        (lambda p, d: _rewrite(p, d / "j.safetensors", meta="{not json"), "not valid JSON"),
+        (lambda p, d: _rewrite(p, d / "f.safetensors", meta=lambda m: {**m, "format": "other"}), "not a vpdsr student"),
+        (lambda p, d: _rewrite(p, d / "v.safetensors", meta=lambda m: {**m, "format_version": 99}), "newer"),
+        (lambda p, d: _rewrite(p, d / "b.safetensors", meta=lambda m: {**m, "backbone": {"name": "x"}}), "lacks"),
+    ],
+)
+def test_bad_files_are_refused_clearly(good_file: Path, tmp_path: Path, make, message: str):
+    bad = make(good_file, tmp_path)
+    with pytest.raises(ModelFileError, match=message):
+        load_student(bad)
+
+
+def test_missing_and_misshapen_weights_are_named(good_file: Path, tmp_path: Path):
+    tensors = load_file(str(good_file))
+    dropped = dict(tensors)
+    dropped.pop("unet.conv_out.weight")
+    with pytest.raises(ModelFileError, match="missing.*unet.conv_out.weight"):
+        load_student(_rewrite(good_file, tmp_path / "m.safetensors", tensors=dropped))
+    wrong = dict(tensors)
+    wrong["unet.conv_out.bias"] = torch.zeros(3)
+    with pytest.raises(ModelFileError, match="wrong shape.*unet.conv_out.bias"):
+        load_student(_rewrite(good_file, tmp_path / "s.safetensors", tensors=wrong))
+    extra = dict(tensors)
+    extra["unet.not_a_layer.weight"] = torch.zeros(1)
+    with pytest.raises(ModelFileError, match="do not fit"):
+        load_student(_rewrite(good_file, tmp_path / "e.safetensors", tensors=extra))
+
+
+def test_plain_safetensors_is_not_a_model(tmp_path: Path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(1)}, str(path))
+    with pytest.raises(ModelFileError, match="not a vpdsr model"):
+        read_meta(path)

@@ -1,0 +1,139 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import photo_like
+from vpdsr import Cancelled, VPDError, load_pipeline
+from vpdsr.color import adain_color_fix, apply_color_fix, wavelet_color_fix
+from vpdsr.errors import ModelFileError, OutOfMemory
+from vpdsr.tiling import count_calls, plan_tiles
+
+
+def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(photo_like(h, w, seed)).permute(2, 0, 1)[None].float() / 255
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
+
+
+@pytest.fixture(scope="module")
+def pipe(trained_student_file: Path):
+    return load_pipeline(trained_student_file, device="cpu")
+
+
+def test_output_size_batches_and_odd_sizes(pipe):
+    batch = torch.cat([_image(37, 53, 0), _image(37, 53, 1)])
+    out = pipe(batch, scale=4)
+    assert out.shape == (2, 3, 148, 212) and out.dtype == torch.float32
+    assert 0 <= out.min() and out.max() <= 1
+    assert not torch.equal(out[0], out[1])
+    assert pipe(_image(20, 30), scale=1.5).shape == (1, 3, 30, 45)
+
+
+def test_deterministic_by_default(pipe):
+    x = _image(32, 32)
+    assert torch.equal(pipe(x), pipe(x))
+
+
+def test_tiled_matches_untiled_above_40db(pipe):
+    x = _image(128, 128, 3)
+    whole = pipe(x, tile=0, color_fix="none")
+    calls = []
+    tiled = pipe(x, tile=256, overlap=64, color_fix="none", progress=lambda d, t: calls.append((d, t)))
+    assert _psnr(whole, tiled) >= 40
+    assert len(calls) > 3 and calls[-1][0] == calls[-1][1]  # several tiles, and the bar reaches its total
+
+
+def test_plan_tiles_cover_the_image_with_aligned_origins():
+    tiles = plan_tiles(100 * 4, 60 * 4, 128, 32, align=16)
+    covered = np.zeros((400, 240), bool)
+    for t in tiles:
+        assert t.y0 % 16 == 0 and t.x0 % 16 == 0
+        covered[t.y0 : t.y1, t.x0 : t.x1] = True
+    assert covered.all()
+    assert count_calls(400, 240, 128, 32, 16) == len(tiles) + 1
+    assert count_calls(64, 64, 128, 32, 16) == 1
+
+
+def test_cancel_hook_stops_the_work(pipe):
+    with pytest.raises(Cancelled):
+        pipe(_image(64, 64), tile=128, should_stop=lambda: True)
+
+
+def test_mask_sets_per_pixel_strength(pipe):
+    x = _image(32, 32)
+    full = pipe(x, color_fix="none")
+    none = pipe(x, color_fix="none", mask=torch.zeros(1, 32, 32))
+    half = torch.zeros(1, 32, 32)
+    half[:, :, 16:] = 1
+    mixed = pipe(x, color_fix="none", mask=half)
+    # left half follows the mask-0 result, right half the full-strength one (away from the seam)
+    assert _psnr(mixed[..., :40], none[..., :40]) > 35
+    assert _psnr(mixed[..., 88:], full[..., 88:]) > 35
+    assert _psnr(full, none) < 35
+
+
+def test_bad_arguments_are_clear(pipe):
+    with pytest.raises(VPDError, match="scale"):
+        pipe(_image(8, 8), scale=9)
+    with pytest.raises(VPDError, match="color_fix"):
+        pipe(_image(8, 8), color_fix="sepia")
+    with pytest.raises(VPDError, match="shape"):
+        pipe(torch.rand(1, 4, 8, 8))
+    with pytest.raises(VPDError, match="no text encoder"):
+        pipe(_image(8, 8), prompt="a cat")
+    with pytest.raises(VPDError, match="NaN"):
+        pipe(torch.full((1, 3, 8, 8), float("nan")))
+
+
+def test_out_of_memory_halves_the_tile(pipe, monkeypatch):
+    decode = pipe.student.decode
+    seen = []
+
+    def small_memory_decode(z):
+        seen.append(z.shape[-1])
+        if z.shape[-1] > 16:
+            raise torch.OutOfMemoryError("simulated")
+        return decode(z)
+
+    monkeypatch.setattr(pipe.student, "decode", small_memory_decode)
+    out = pipe(_image(32, 32), tile=0)
+    assert out.shape == (1, 3, 128, 128)
+    assert max(seen) > 16 and seen[-1] <= 16
+
+
+def test_out_of_memory_at_the_smallest_tile_is_reported(pipe, monkeypatch):
+    def no_memory(z):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(pipe.student, "decode", no_memory)
+    with pytest.raises(OutOfMemory, match="memory"):
+        pipe(_image(32, 32))
+
+
+def test_missing_default_model_is_explained(monkeypatch):
+    import vpdsr.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "default_model_path", lambda: None)
+    with pytest.raises(ModelFileError, match="no embedded default model"):
+        pipeline.load_pipeline()
+
+
+def test_color_fixes():
+    torch.manual_seed(0)
+    ref = torch.rand(1, 3, 64, 64)
+    img = ref * 0.5 + 0.3 + 0.05 * torch.randn_like(ref)
+    fixed = adain_color_fix(img, ref)
+    assert torch.allclose(fixed.mean((2, 3)), ref.mean((2, 3)), atol=1e-5)
+    assert torch.allclose(fixed.std((2, 3)), ref.std((2, 3)), atol=1e-4)
+    # wavelet: a colour cast (low frequency) is removed, fine detail of the image is kept
+    cast = img + torch.tensor([0.2, -0.1, 0.0]).view(1, 3, 1, 1)
+    wav = wavelet_color_fix(cast, ref)
+    assert (wav.mean((2, 3)) - ref.mean((2, 3))).abs().max() < 0.01
+    detail = img - torch.nn.functional.avg_pool2d(img, 3, 1, 1)
+    wav_detail = wav - torch.nn.functional.avg_pool2d(wav, 3, 1, 1)
+    assert torch.corrcoef(torch.stack([detail.flatten(), wav_detail.flatten()]))[0, 1] > 0.9
+    assert torch.equal(apply_color_fix(img, ref, "none"), img)
