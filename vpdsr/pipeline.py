@@ -204,6 +204,8 @@ class VPDPipeline:
             mask = mask[:, None]
         if mask.dim() != 4 or mask.shape[1] != 1:
             raise VPDError(f"mask must be HxW, BxHxW or Bx1xHxW, got {tuple(mask.shape)}")
+        if mask.shape[0] not in (1, x0.shape[0]):
+            raise VPDError(f"the mask batch ({mask.shape[0]}) must be 1 or match the image batch ({x0.shape[0]})")
         # the mask covers the unpadded image: fit it to the unpadded part of the latent, then pad
         m = F.interpolate(mask.float().clamp(0, 1).to(x0.device), size=(h, w), mode="bilinear", align_corners=False)
         m = F.pad(m, (0, x0.shape[3] - w, 0, x0.shape[2] - h), mode="replicate")
