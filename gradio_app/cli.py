@@ -1,0 +1,41 @@
+"""``vpdsr demo``: the demo's subcommand, added to the core CLI through an entry point.
+
+Only argparse is imported here: the core builds its parser by calling ``register`` on every
+``vpdsr --help``, and gradio takes seconds to import, so it is imported when the demo starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gradio_app.config import add_arguments, config_from_args
+
+DESCRIPTION = "Start the vpdsr browser demo (Gradio) on this machine; open the printed address in a browser."
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``demo`` to the ``vpdsr`` command (the ``vpdsr.commands`` entry point)."""
+    parser = subparsers.add_parser("demo", help="start the browser demo (Gradio)", description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from gradio_app.app import build_demo, launch_demo
+
+    try:
+        launch_demo(build_demo(config), config)
+    except OSError as err:  # gradio's "Cannot find empty port" is an OSError too
+        print(f"vpdsr demo: cannot listen on {config.host}:{config.port} ({err}); pick another --port", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gradio_app`` and ``python gradio_app/app.py``."""
+    parser = argparse.ArgumentParser(prog="python -m gradio_app", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,276 @@
+"""The demo's work, without any UI: load the models once, upscale files, analyse, zip batches.
+
+Kept apart from ``app.py`` so the page code is only layout and glue, and so each step can be
+called (and reasoned about) as a plain function of files in and files out. Every failure the
+user can cause arrives here as a ``vpdsr.errors.VPDError`` with a readable message.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from gradio_app.config import DemoConfig
+from vpdsr import VPDPipeline, default_model_path, load_pipeline, read_meta
+from vpdsr.errors import ImageError, ModelFileError, VPDError
+from vpdsr.imageio import load_image, pil_to_tensor, save_image
+from vpdsr.modelfile import StudentMeta
+from vpdsr.pipeline import resolve_device
+from vpdsr.semantics import InspectionReport, SemanticModel
+
+Progress = Callable[[float, str], None]  # fraction done in [0, 1], what is being done
+
+# Result folders older than this are removed when a new request starts; by then gradio has
+# copied what it serves into its own cache.
+_KEEP_RESULTS_S = 3600.0
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    scale: float = 4.0
+    tile: int | None = None  # None: automatic, 0: no tiling
+    color_fix: str = "adain"
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    seconds: float  # the upscale itself
+    load_seconds: float  # loading the model first (0 once it is loaded)
+    device: str
+
+
+@dataclass(frozen=True)
+class UpscaleResult:
+    before: Path  # the input resized (bicubic) to the output size: the slider's left side
+    output: Path  # the result, a lossless PNG
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    timing: Timing
+
+    def summary(self) -> str:
+        (w, h), (ow, oh), t = self.input_size, self.output_size, self.timing
+        text = f"Input {w}×{h} → output {ow}×{oh} in {t.seconds:.2f} s on {t.device}"
+        if t.load_seconds:
+            text += f" (plus {t.load_seconds:.1f} s to load the model, once)"
+        return text
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    archive: Path | None  # None when no file could be upscaled
+    done: list[str]
+    failed: list[str]  # "name: reason"
+
+    def summary(self) -> str:
+        lines = [f"Upscaled {len(self.done)} of {len(self.done) + len(self.failed)} files."]
+        lines += [f"Skipped {reason}" for reason in self.failed]
+        return "\n".join(lines)
+
+
+class DemoModels:
+    """The student and the optional CLIP, each loaded on first use, once, by whichever request
+    comes first; nothing is loaded at import or while the page is built."""
+
+    def __init__(self, config: DemoConfig) -> None:
+        self.config = config
+        self.model_path = config.model if config.model is not None else default_model_path()
+        self.meta: StudentMeta | None = None  # metadata only: reading it loads no weights
+        self.meta_error = ""
+        if self.model_path is not None:
+            try:
+                self.meta = read_meta(self.model_path)
+            except ModelFileError as err:
+                self.meta_error = str(err)
+        self._lock = threading.Lock()
+        self._pipeline: VPDPipeline | None = None
+        self._semantic: SemanticModel | None = None
+
+    @property
+    def has_clip(self) -> bool:
+        return self.config.clip is not None
+
+    @property
+    def default_scale(self) -> float:
+        return float(self.meta.scale) if self.meta else 4.0
+
+    def describe(self) -> str:
+        """Markdown about the configured model, for the top of the page."""
+        if self.model_path is None:
+            return (
+                "**No model is loaded.** This build of vpdsr ships no embedded default model. "
+                "Start the demo with a student file: `vpdsr demo --model student.safetensors` "
+                "(or set `VPDSR_MODEL`); LoRA students also need `--base`."
+            )
+        if self.meta is None:
+            return f"**The model cannot be used:** {self.meta_error}"
+        name = self.meta.name or self.model_path.name
+        text = f"Model **{name}**: {self.meta.backbone.name} backbone, trained for ×{self.meta.scale}."
+        if self.meta.weights == "lora" and self.config.base is None:
+            text += " **It is a LoRA student: start the demo with `--base` pointing at its base weights.**"
+        return text
+
+    def pipeline(self) -> tuple[VPDPipeline, float]:
+        """The loaded pipeline and the seconds this call spent loading it (0 when it was loaded)."""
+        with self._lock:
+            if self._pipeline is not None:
+                return self._pipeline, 0.0
+            start = time.perf_counter()
+            self._pipeline = load_pipeline(model=self.model_path, base=self.config.base, device=self.config.device)
+            return self._pipeline, time.perf_counter() - start
+
+    def semantic_model(self) -> SemanticModel:
+        if self.config.clip is None:
+            raise VPDError("no CLIP model is configured; start the demo with --clip (and --clip-config if needed)")
+        with self._lock:
+            if self._semantic is None:
+                try:
+                    model = SemanticModel.from_file(self.config.clip, config=self.config.clip_config)
+                except ModelFileError as err:
+                    raise ModelFileError(f"{err} (the demo takes the config as --clip-config)") from None
+                self._semantic = model.to(resolve_device(self.config.device))
+            return self._semantic
+
+
+def fresh_folder(workdir: Path) -> Path:
+    """A new folder for one request's files, after removing those of requests long finished."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - _KEEP_RESULTS_S
+    for old in workdir.iterdir():
+        if old.is_dir() and old.stat().st_mtime < cutoff:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=workdir))
+
+
+def open_upload(path: str | Path, max_pixels: int) -> Image.Image:
+    """Decode an uploaded file with the demo's pixel limit; errors name the file as uploaded."""
+    path = Path(path)
+    try:
+        return load_image(path.read_bytes(), max_pixels=max_pixels)
+    except OSError as err:
+        raise ImageError(f"{path.name}: the upload cannot be read ({err.strerror or err})") from None
+    except ImageError as err:
+        raise ImageError(str(err).replace("uploaded image", path.name, 1)) from None
+
+
+def upscale_image(
+    models: DemoModels,
+    image: Image.Image,
+    options: UpscaleOptions,
+    progress: Progress | None = None,
+) -> tuple[Image.Image, Timing]:
+    """Upscale a decoded image, loading the model first if no request has yet."""
+    if progress:
+        progress(0.0, "Loading the model")
+    pipe, load_seconds = models.pipeline()
+
+    def on_tile(done: int, total: int) -> None:
+        if progress:
+            progress(done / total, f"Upscaling (step {done} of {total})")
+
+    start = time.perf_counter()
+    result = pipe.upscale_pil(
+        image,
+        scale=options.scale,
+        tile=options.tile,
+        color_fix=options.color_fix,
+        prompt=options.prompt or None,
+        progress=on_tile,
+    )
+    return result, Timing(time.perf_counter() - start, load_seconds, str(pipe.device))
+
+
+def upscale_file(
+    models: DemoModels,
+    source: str | Path,
+    options: UpscaleOptions,
+    folder: Path,
+    progress: Progress | None = None,
+) -> UpscaleResult:
+    """Upscale one uploaded file into ``folder``: the result PNG and a bicubic 'before' PNG."""
+    source = Path(source)
+    image = open_upload(source, models.config.max_pixels)
+    result, timing = upscale_image(models, image, options, progress)
+    output = save_image(result, folder / f"{source.stem}_x{options.scale:g}.png")
+    display = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    before = folder / f"{source.stem}_bicubic.png"
+    display.resize(result.size, Image.Resampling.BICUBIC).save(before, compress_level=1)
+    return UpscaleResult(before, output, image.size, result.size, timing)
+
+
+def upscale_batch(
+    models: DemoModels,
+    sources: Sequence[str | Path],
+    options: UpscaleOptions,
+    folder: Path,
+    progress: Progress | None = None,
+) -> BatchResult:
+    """Upscale many files into one zip; a file that fails is listed and skipped, as in the CLI."""
+    if not sources:
+        raise VPDError("no files were uploaded")
+    if len(sources) > models.config.max_batch:
+        raise VPDError(
+            f"{len(sources)} files is more than this demo takes at once ({models.config.max_batch}); "
+            "split them, or start the demo with a larger --max-batch"
+        )
+    done: list[str] = []
+    failed: list[str] = []
+    names: set[str] = set()
+    archive = folder / "vpdsr-results.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
+        for index, source in enumerate(map(Path, sources)):
+            name = _unique(f"{source.stem}_x{options.scale:g}.png", names)
+
+            def step(fraction: float, what: str, index: int = index, label: str = source.name) -> None:
+                if progress:
+                    progress((index + fraction) / len(sources), f"{label} ({index + 1}/{len(sources)}): {what}")
+
+            try:
+                image = open_upload(source, models.config.max_pixels)
+                result, _ = upscale_image(models, image, options, step)
+                zf.write(save_image(result, folder / name), arcname=name)
+                done.append(source.name)
+            except ModelFileError:
+                raise  # no usable model: every other file would fail the same way
+            except VPDError as err:
+                failed.append(f"{source.name}: {err}")
+    if not done:
+        archive.unlink()
+    return BatchResult(archive if done else None, done, failed)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """Two uploads called photo.png must not overwrite each other in the zip."""
+    stem, suffix, n = Path(name).stem, Path(name).suffix, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    taken.add(name)
+    return name
+
+
+def _rgb_tensor(image: Image.Image) -> torch.Tensor:
+    return pil_to_tensor(image.convert("RGB"))
+
+
+def analyse(models: DemoModels, low: str | Path, high: str | Path) -> InspectionReport:
+    """CLIP's view of an input and its upscaled output: tags, drift, consistency, quality."""
+    judge = models.semantic_model()
+    lr = open_upload(low, models.config.max_pixels)
+    sr = open_upload(high, models.config.max_pixels * 64)  # an output is up to x8 per side
+    return judge.inspect(_rgb_tensor(lr), _rgb_tensor(sr))[0]
+
+
+def prompt_from_image(models: DemoModels, source: str | Path, max_tags: int = 8) -> str:
+    """A hard prompt (the image's most likely tags), as the student would be conditioned on."""
+    judge = models.semantic_model()
+    return judge.prompts(_rgb_tensor(open_upload(source, models.config.max_pixels)), max_tags=max_tags)[0]

@@ -1,0 +1,239 @@
+"""The Gradio demo through its API (gradio_client), started as ``python gradio_app/app.py`` would be.
+
+One server for the module, on a tiny random student and a tiny random CLIP, configured through
+environment variables and run from an unrelated working directory. The engine and the command
+line are also checked directly, where no server is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from gradio_app import engine
+from gradio_app.config import DemoConfig, add_arguments, config_from_args
+from gradio_app.screenshot import free_port
+from tests.gradio_support import write_image, write_tiny_student
+from vpdsr.errors import ModelFileError
+from vpdsr.semantics import build_clip, save_clip
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_PIXELS = 64 * 64
+START_TIMEOUT_S = 300  # a guard only: start-up is import time, ~15 s on an idle 2-core machine
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    write_tiny_student(root / "tiny.safetensors")
+    clip, spec = build_clip("vpdsr-tiny-clip")
+    save_clip(root / "clip.safetensors", clip, spec)
+    write_image(root / "small.png", 32, 32, seed=1)
+    write_image(root / "wide.png", 48, 32, seed=2)
+    write_image(root / "too-many-pixels.png", 80, 80, seed=3)
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a PNG")
+    Image.effect_noise((400, 400), 64).convert("RGB").save(root / "big-upload.png")  # ~480 KB, noise
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(files: Path) -> Iterator[Client]:
+    """``python gradio_app/app.py`` as a user would start it, configured through the environment."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        VPDSR_MODEL=str(files / "tiny.safetensors"),
+        VPDSR_CLIP=str(files / "clip.safetensors"),
+        VPDSR_DEVICE="cpu",
+        VPDSR_MAX_PIXELS=str(MAX_PIXELS),
+        VPDSR_MAX_FILE_SIZE="200kb",
+        VPDSR_MAX_BATCH="3",
+        PYTHONUNBUFFERED="1",
+        GRADIO_TEMP_DIR=str(files / "gradio-cache"),
+    )
+    log = (files / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "gradio_app" / "app.py"), "--port", str(port)],
+        cwd=files,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_up(url, server, files / "server.log")
+        yield Client(url, verbose=False, download_files=str(files / "downloads"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _wait_until_up(url: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the demo exited with code {server.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"the demo did not answer within {START_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+def _upscale(client: Client, image: Path, scale: float = 4, tile: str = "auto") -> tuple:
+    return client.predict(handle_file(str(image)), scale, tile, "adain", "", api_name="/upscale")
+
+
+def test_upscale_returns_a_lossless_png_four_times_the_input(client: Client, files: Path) -> None:
+    (before, after), download, sizes = _upscale(client, files / "wide.png")
+    with Image.open(after) as out, Image.open(download) as dl, Image.open(before) as bicubic:
+        assert out.format == dl.format == "PNG"
+        assert out.size == dl.size == bicubic.size == (192, 128)
+    assert sizes.startswith("Input 48×32 → output 192×128 in ")
+    assert sizes.rstrip(")").split(" on ")[1].startswith("cpu")
+
+
+def test_options_reach_the_pipeline(client: Client, files: Path) -> None:
+    (_, after), _, sizes = _upscale(client, files / "small.png", scale=2, tile="no tiling")
+    assert Image.open(after).size == (64, 64) and "output 64×64" in sizes
+
+
+def test_corrupt_upload_is_a_readable_error_and_the_app_keeps_answering(client: Client, files: Path) -> None:
+    with pytest.raises(AppError, match="corrupt.png: .*(not an image|corrupt)"):
+        _upscale(client, files / "corrupt.png")
+    (_, after), _, _ = _upscale(client, files / "small.png")
+    assert Image.open(after).size == (128, 128)
+
+
+def test_pixel_limit_is_explained(client: Client, files: Path) -> None:
+    with pytest.raises(AppError, match=r"too-many-pixels.png: 80x80 .* above the limit"):
+        _upscale(client, files / "too-many-pixels.png")
+
+
+def test_upload_size_limit_refuses_large_files(client: Client, files: Path) -> None:
+    big = files / "big-upload.png"
+    assert big.stat().st_size > 200 * 1024
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 204800 bytes"):  # the client checks first
+        _upscale(client, big)
+    with big.open("rb") as upload:  # and the server refuses it too, whoever sends it
+        response = httpx.post(f"{client.src}gradio_api/upload", files={"files": (big.name, upload, "image/png")})
+    assert response.status_code == 413 and "maximum allowed size of 204800 bytes" in response.text
+    assert _upscale(client, files / "small.png")[2].startswith("Input 32×32")
+
+
+def test_unknown_tile_choice_is_refused(client: Client, files: Path) -> None:
+    with pytest.raises(AppError, match="tile must be one of auto, no tiling"):
+        _upscale(client, files / "small.png", tile="huge")
+
+
+def test_batch_zips_the_good_files_and_names_the_bad_ones(client: Client, files: Path) -> None:
+    uploads = [handle_file(str(files / name)) for name in ("small.png", "wide.png", "corrupt.png")]
+    archive, summary = client.predict(uploads, 4, "auto", "adain", "", api_name="/batch")
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == ["small_x4.png", "wide_x4.png"]
+        with zf.open("wide_x4.png") as member, Image.open(member) as image:
+            assert image.size == (192, 128)
+    assert summary.startswith("Upscaled 2 of 3 files.") and "corrupt.png" in summary
+
+
+def test_batch_size_limit(client: Client, files: Path) -> None:
+    with pytest.raises(AppError, match="4 files is more than this demo takes at once"):
+        client.predict([handle_file(str(files / "small.png"))] * 4, 4, "auto", "adain", "", api_name="/batch")
+
+
+def test_semantics_report_and_prompt_from_tags(client: Client, files: Path) -> None:
+    (_, after), _, _ = _upscale(client, files / "small.png")
+    report, chart = client.predict(handle_file(str(files / "small.png")), handle_file(after), api_name="/semantics")
+    assert "Semantic drift (top 10 tags" in report and "KL(LR || SR)" in report
+    assert chart  # the plot's payload; its drawing is checked in test_tag_chart_shows_every_tag
+    prompt = client.predict(handle_file(str(files / "small.png")), api_name="/prompt_from_tags")
+    assert isinstance(prompt, str) and prompt.count(",") >= 1
+
+
+def test_every_event_has_an_explicit_api_name(files: Path) -> None:
+    from gradio_app.app import build_demo
+
+    demo = build_demo(DemoConfig(model=files / "tiny.safetensors", clip=files / "clip.safetensors"))
+    events = {fn.api_name: fn for fn in demo.fns.values()}
+    assert sorted(events) == ["batch", "load_example", "prompt_from_tags", "semantics", "show_in_semantics", "upscale"]
+    for name in ("batch", "prompt_from_tags", "semantics", "upscale"):  # the ones that run a network
+        assert events[name].concurrency_id == "model" and events[name].concurrency_limit == 1
+
+
+# --- without a server -------------------------------------------------------------------------
+
+
+def test_progress_advances_per_tile(files: Path, tmp_path: Path) -> None:
+    models = engine.DemoModels(DemoConfig(model=files / "tiny.safetensors", device="cpu"))
+    seen: list[float] = []
+
+    def record(fraction: float, what: str) -> None:
+        seen.append(fraction)
+
+    engine.upscale_file(models, files / "small.png", engine.UpscaleOptions(scale=2, tile=32), tmp_path, record)
+    assert seen[0] == 0.0 and seen[-1] == pytest.approx(1.0)
+    assert len(seen) > 4 and seen == sorted(seen)
+
+
+def test_tag_chart_shows_every_tag(files: Path) -> None:
+    from gradio_app.app import tag_chart
+
+    models = engine.DemoModels(DemoConfig(clip=files / "clip.safetensors"))
+    report = engine.analyse(models, files / "small.png", files / "wide.png")
+    labels = [t.get_text() for t in tag_chart(report).axes[0].get_yticklabels()]
+    assert set(labels) == {c.tag for c in report.drift.kept + report.drift.lost + report.drift.gained}
+
+
+def test_without_a_model_the_page_says_how_to_pass_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(engine, "default_model_path", lambda: None)
+    models = engine.DemoModels(DemoConfig())
+    assert "No model is loaded" in models.describe() and "--model" in models.describe()
+    with pytest.raises(ModelFileError, match="no embedded default model"):
+        engine.upscale_file(models, write_image(tmp_path / "a.png"), engine.UpscaleOptions(), tmp_path)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key in [k for k in os.environ if k.startswith("VPDSR_")]:
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_vpdsr_demo_subcommand_and_environment(clean_env: pytest.MonkeyPatch) -> None:
+    from gradio_app.cli import run
+    from vpdsr.cli import build_parser
+
+    clean_env.setenv("VPDSR_MODEL", "from-env.safetensors")
+    clean_env.setenv("VPDSR_DEMO_PORT", "9001")
+    args = build_parser().parse_args(["demo", "--host", "0.0.0.0", "--clip", "clip.pt", "--clip-config", "ViT-B-32"])
+    assert args.func is run
+    config = config_from_args(args)
+    assert config == DemoConfig(
+        model=Path("from-env.safetensors"), clip=Path("clip.pt"), clip_config="ViT-B-32", host="0.0.0.0", port=9001
+    )
+
+
+def test_defaults_and_bad_numbers(clean_env: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])) == DemoConfig()
+    assert DemoConfig().host == "127.0.0.1" and DemoConfig().port == 7860 and DemoConfig().concurrency == 1
+    with pytest.raises(SystemExit, match="--port must be a whole number"):
+        config_from_args(parser.parse_args(["--port", "eighty"]))
+    with pytest.raises(SystemExit, match="--max-pixels must be at least 1"):
+        config_from_args(parser.parse_args(["--max-pixels", "0"]))
