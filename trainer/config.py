@@ -1,0 +1,353 @@
+"""Every option of a training run, as nested dataclasses: the YAML files mirror this layout.
+
+Defaults are for the tiny backbone on a small machine; the committed configs in
+``trainer/configs/`` set what differs. A loss is switched on by giving it a weight above zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .config_loading import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .data import DataConfig
+from .degradations import DegradationConfig
+
+__all__ = [
+    "AdversarialLossConfig",
+    "CheckpointConfig",
+    "ClipConfig",
+    "ConfigError",
+    "DapeConfig",
+    "DiffLossConfig",
+    "HFPLossConfig",
+    "LossesConfig",
+    "OptimConfig",
+    "ReconstructionLossConfig",
+    "RegressionLossConfig",
+    "SemanticLossConfig",
+    "StudentConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "VSDLossConfig",
+    "ValidationConfig",
+    "load_config",
+]
+
+
+def _check_nonnegative(section: object, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(section, name)}")
+
+
+def _check_timesteps(t_min: int, t_max: int) -> None:
+    if not 0 <= t_min <= t_max <= 999:
+        raise ValueError(f"t_min/t_max must satisfy 0 <= t_min <= t_max <= 999, got {t_min}, {t_max}")
+
+
+@dataclass
+class OptimConfig:
+    """The main optimizer (AdamW) and the loop around it."""
+
+    steps: int = 1000
+    lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    """Max global gradient norm per optimizer; 0 turns clipping off."""
+    ema_decay: float = 0.0
+    """0 = no EMA; else the exported and validated weights are the EMA of the trained ones."""
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Passed to accelerate (GPU runs; bf16 where the GPU has it)."""
+    cpu: bool = False
+    """Train on the CPU even when a GPU is present."""
+    threads: int = 0
+    """torch CPU threads; 0 keeps torch's default (one per core). On a CPU shared with other
+    work (or with data-loader workers), fewer threads can be much faster: OpenMP threads
+    spin while they wait for a core."""
+    max_bad_steps: int = 5
+    """Stop after this many steps in a row whose loss was NaN or infinite (each is skipped)."""
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.max_bad_steps < 1 or self.log_every < 1:
+            raise ValueError("max_bad_steps and log_every must be >= 1")
+        _check_nonnegative(self, "warmup_steps", "weight_decay", "grad_clip", "threads")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Write a resumable checkpoint every this many steps (and when interrupted)."""
+    keep: int = 2
+    """How many recent checkpoints to keep; older ones are deleted."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise ValueError("checkpoint.every and checkpoint.keep must be >= 1")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 500
+    """Validate (PSNR/SSIM on data.val_hr_dir, image grid) every this many steps and at the end."""
+    grid_images: int = 4
+    max_images: int = 16
+    """Validation images used per run, the first ones of the folder, to keep it quick."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.grid_images < 0 or self.max_images < 1:
+            raise ValueError("validation.every and max_images must be >= 1, grid_images >= 0")
+
+
+@dataclass
+class ClipConfig:
+    """A real CLIP checkpoint for the semantic losses and the DAPE stage (never downloaded)."""
+
+    path: str | None = None
+    config: str | None = None
+    """OpenCLIP architecture of a plain checkpoint (e.g. ViT-B-32); not needed for our own files."""
+    tags: str | None = None
+    """Tag vocabulary file (one tag per line); None = vpdsr's default vocabulary."""
+
+
+@dataclass
+class TeacherConfig:
+    """The multi-step SR teacher: the backbone's UNet conditioned on the LR latent.
+
+    For the tiny backbone, whose VAE starts random, the first ``vae_steps`` steps train the VAE
+    alone (reconstruction), then the VAE is frozen and the UNet learns the diffusion loss on its
+    latents. Training both at once would move the latent space under the UNet's feet.
+    """
+
+    vae_steps: int = 0
+    vae_lr: float = 2e-4
+    vae_kl_weight: float = 1e-6
+    vae_hfp_weight: float = 0.0
+    """Weight of the pixel high-frequency loss on VAE reconstructions (sharper decodes)."""
+    vae_lr_fraction: float = 0.25
+    """Share of each VAE batch taken by upscaled LR images: the student's encoder sees those."""
+    cond_dropout: float = 0.1
+    """Probability of blanking the LR condition, so the teacher also learns the unconditional
+    score that classifier-free guidance (the VSD loss's real branch) needs."""
+    sampling_steps: int = 20
+    """DDIM steps when the teacher super-resolves (validation, regression targets)."""
+    base: str | None = None
+    """Base weights (SD backbones) to initialise from; the tiny backbone starts random."""
+    prompt: str = ""
+
+    def __post_init__(self) -> None:
+        _check_nonnegative(self, "vae_steps", "vae_kl_weight", "vae_hfp_weight")
+        for name in ("vae_lr_fraction", "cond_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.sampling_steps < 1:
+            raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
+
+
+@dataclass
+class StudentConfig:
+    """The one-step student (VPD-SR / OSEDiff form) and where its initial weights come from."""
+
+    teacher: str | None = None
+    """Teacher file written by the teacher stage (tiny: the student's initial VAE and UNet)."""
+    base: str | None = None
+    """Base weights for SD backbones (diffusers folder or single .safetensors)."""
+    init_from: Literal["teacher", "base"] = "teacher"
+    prior: Literal["teacher", "base"] = "teacher"
+    """The frozen diffusion model scoring the student for VSD, DiffLoss and feature GAN heads:
+    the LR-conditioned teacher or the text-conditioned base UNet."""
+    timestep: int = 999
+    prompt: str = ""
+    negative_prompt: str = ""
+    lora_rank: int = 0
+    """0 trains the UNet in full (tiny); > 0 trains LoRA adapters plus conv_in (SD)."""
+    lora_alpha: float = 0.0
+    """0 means alpha = rank."""
+    train_vae_encoder: bool = False
+    """Also train the VAE encoder (LoRA when lora_rank > 0); the decoder stays frozen so the
+    prior's latent space and the student's decoder keep agreeing."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.timestep <= 999:
+            raise ValueError(f"timestep must be in [0, 999], got {self.timestep}")
+        _check_nonnegative(self, "lora_rank", "lora_alpha")
+
+
+@dataclass
+class DapeConfig:
+    """Degradation-aware CLIP: LoRA on the image tower so degraded images embed like clean ones."""
+
+    lora_rank: int = 8
+    lora_alpha: float = 0.0
+    embed_weight: float = 1.0
+    """MSE between the LoRA CLIP's embedding of the LR and the frozen CLIP's of the HR."""
+    kl_weight: float = 1.0
+    """KL between their zero-shot tag distributions."""
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1:
+            raise ValueError(f"dape.lora_rank must be >= 1, got {self.lora_rank}")
+        _check_nonnegative(self, "lora_alpha", "embed_weight", "kl_weight")
+
+
+@dataclass
+class ReconstructionLossConfig:
+    weight: float = 1.0
+    kind: Literal["l1", "mse"] = "l1"
+    lpips_weight: float = 0.0
+    lpips_vgg_path: str | None = None
+    """torchvision VGG16 weights file; LPIPS is never downloaded."""
+    lpips_lin_path: str | None = None
+    """LPIPS linear-layer weights (the ``vgg.pth`` of the lpips package, v0.1)."""
+
+
+@dataclass
+class VSDLossConfig:
+    """Variational score distillation (OSEDiff's distribution matching)."""
+
+    weight: float = 0.0
+    guidance: float = 1.5
+    """Classifier-free guidance on the real (frozen) branch."""
+    t_min: int = 20
+    t_max: int = 980
+    fake_lr: float = 1e-4
+    fake_lora_rank: int = 8
+
+    def __post_init__(self) -> None:
+        _check_timesteps(self.t_min, self.t_max)
+        if self.fake_lora_rank < 1:
+            raise ValueError(f"fake_lora_rank must be >= 1, got {self.fake_lora_rank}")
+
+
+@dataclass
+class RegressionLossConfig:
+    """Regression onto the multi-step teacher's output for the same LR (SinSR form)."""
+
+    weight: float = 0.0
+    steps: int = 4
+    """DDIM steps of the teacher per training batch."""
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class SemanticLossConfig:
+    """ESS: CLIP embeddings and zero-shot tags of SR pulled towards HR's (needs clip.path)."""
+
+    weight: float = 0.0
+    """Weight of 1 - cos(SR, HR) embeddings."""
+    kl_weight: float = 0.0
+    """Weight of KL(HR tags || SR tags)."""
+
+
+@dataclass
+class HFPLossConfig:
+    """High-frequency perception: SR vs HR on high-frequency bands."""
+
+    weight: float = 0.0
+    bands: Literal["laplacian", "wavelet", "both"] = "laplacian"
+    levels: int = 3
+    clip_weight: float = 0.0
+    """Cosine loss on CLIP embeddings of the high-pass images (needs clip.path)."""
+
+    def __post_init__(self) -> None:
+        if self.levels < 1:
+            raise ValueError(f"levels must be >= 1, got {self.levels}")
+
+
+@dataclass
+class AdversarialLossConfig:
+    weight: float = 0.0
+    discriminator: Literal["pixel_unet", "prior_features"] = "pixel_unet"
+    """A spectral-norm U-Net on pixels, or light heads on the frozen prior UNet's features."""
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    start_step: int = 0
+    """Warm-up: the discriminator and its loss switch on at this step."""
+    lr: float = 1e-4
+    channels: int = 32
+    t_min: int = 0
+    t_max: int = 500
+    """Noise levels at which the prior's features are taken (prior_features only)."""
+
+    def __post_init__(self) -> None:
+        _check_timesteps(self.t_min, self.t_max)
+        if self.channels < 4:
+            raise ValueError(f"channels must be >= 4, got {self.channels}")
+
+
+@dataclass
+class DiffLossConfig:
+    """A frozen diffusion UNet as a constraint: SR and HR noised alike must look alike to it."""
+
+    weight: float = 0.0
+    feature_weight: float = 1.0
+    """Relative weight of the mid-block features against the noise predictions."""
+    t_min: int = 50
+    t_max: int = 500
+
+    def __post_init__(self) -> None:
+        _check_timesteps(self.t_min, self.t_max)
+
+
+@dataclass
+class LossesConfig:
+    reconstruction: ReconstructionLossConfig = field(default_factory=ReconstructionLossConfig)
+    vsd: VSDLossConfig = field(default_factory=VSDLossConfig)
+    regression: RegressionLossConfig = field(default_factory=RegressionLossConfig)
+    semantic: SemanticLossConfig = field(default_factory=SemanticLossConfig)
+    hfp: HFPLossConfig = field(default_factory=HFPLossConfig)
+    adversarial: AdversarialLossConfig = field(default_factory=AdversarialLossConfig)
+    diffloss: DiffLossConfig = field(default_factory=DiffLossConfig)
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["teacher", "student", "dape"]
+    name: str = "vpdsr-model"
+    """File name (without suffix) of the exported model."""
+    output_dir: str = "runs/vpdsr"
+    seed: int = 0
+    scale: int = 4
+    backbone: str = "tiny"
+    """A bundled backbone name (tiny, sd21-base, sd-turbo) or a backbone JSON file."""
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    dape: DapeConfig = field(default_factory=DapeConfig)
+    losses: LossesConfig = field(default_factory=LossesConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.scale <= 8:
+            raise ValueError(f"scale must be in 1..8, got {self.scale}")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config, apply ``section.key=value`` overrides, and check everything."""
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides))
+    if "stage" not in data:
+        raise ConfigError("the config must name a stage: teacher, student or dape")
+    return from_dict(TrainConfig, data)

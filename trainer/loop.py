@@ -1,0 +1,214 @@
+"""The training loop shared by all stages: data, degradation, steps, checkpoints, logs, export.
+
+Reproducibility is built in rather than bolted on: every random draw of a step comes from
+generators seeded by (seed, step, process) — the batch (``batches``), its degradation and the
+stage's noise and timesteps — so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have, and the checkpoint only needs the weights and optimizer states.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from tqdm import tqdm
+
+from .batches import build_step_loader, derive_seed
+from .checkpoint import CheckpointState, find_latest, load_checkpoint, prune_checkpoints, save_checkpoint, trained_keys
+from .config import TrainConfig
+from .config_loading import ConfigError
+from .data import build_val_loader
+from .degradations import degrade
+from .images import save_grid
+from .logbook import Logbook
+from .stages import NonFiniteLoss, Stage, build_stage
+
+__all__ = ["TrainingInterrupted", "TrainingStopped", "train"]
+
+# Purposes mixed into derive_seed, so the streams of one step never coincide.
+_DEGRADE, _STEP, _VALIDATION = 0, 3, 4
+
+
+class TrainingStopped(RuntimeError):
+    """Too many steps in a row had a NaN/inf loss: the run cannot go on as configured."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Stopped on request (Ctrl-C) after a checkpoint was written; resume with ``--resume``."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"stopped after step {step}; checkpoint: {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the step, checkpoint, stop. Second Ctrl-C: abort at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("stopping after this step (a checkpoint will be written); press Ctrl-C again to abort now")
+
+
+def _degrade(hr: torch.Tensor, cfg: TrainConfig, seed: int) -> torch.Tensor:
+    lr, _ = degrade(hr, cfg.degradation, torch.Generator().manual_seed(seed), cfg.scale)
+    return lr
+
+
+def _validation_batches(cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
+    """The validation images (first ``validation.max_images``), with their LR made once, on the CPU."""
+    loader = build_val_loader(cfg.data, cfg.scale)
+    if loader is None:
+        return []
+    batches, count = [], 0
+    for i, batch in enumerate(loader):
+        hr = batch["hr"][: cfg.validation.max_images - count]
+        lr = batch["lr"][: len(hr)] if "lr" in batch else _degrade(hr, cfg, derive_seed(cfg.seed, i, _VALIDATION))
+        batches.append({"hr": hr, "lr": lr})
+        count += len(hr)
+        if count >= cfg.validation.max_images:
+            break
+    return batches
+
+
+def _resume(
+    stage: Stage, state: CheckpointState, cfg: TrainConfig, resume: str, device: torch.device
+) -> tuple[int, int]:
+    root = Path(cfg.output_dir) / "checkpoints"
+    path = find_latest(root) if resume == "latest" else Path(resume)
+    if path is None:
+        raise ConfigError(f"--resume latest: no complete checkpoint under {root}")
+    info = load_checkpoint(path, state, device)
+    saved_stage = info.get("config", {}).get("stage")
+    if saved_stage != cfg.stage:
+        raise ConfigError(f"{path} is a checkpoint of a {saved_stage!r} run, this config trains {cfg.stage!r}")
+    if info["step"] >= cfg.optim.steps:
+        raise ConfigError(f"{path} is at step {info['step']}, which is not before optim.steps = {cfg.optim.steps}")
+    return int(info["step"]), int(info.get("bad_steps", 0))
+
+
+def _postfix(logs: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3g}" for k, v in logs.items() if k != "lr")
+
+
+def train(cfg: TrainConfig, resume: str | None = None, *, progress: bool = True) -> Path:
+    """Run a stage from ``cfg`` (optionally resuming) and return the path of the exported model."""
+    out = Path(cfg.output_dir)
+    if cfg.optim.threads:
+        torch.set_num_threads(cfg.optim.threads)
+    acc = Accelerator(
+        mixed_precision=cfg.optim.mixed_precision,
+        cpu=cfg.optim.cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    rank, world = acc.process_index, acc.num_processes
+    torch.manual_seed(derive_seed(cfg.seed, rank))
+    np.random.seed(derive_seed(cfg.seed, rank) % 2**32)
+    random.seed(derive_seed(cfg.seed, rank))
+
+    stage = build_stage(cfg, acc)
+    state = CheckpointState(
+        stage.saved_modules, {n: trained_keys(m) for n, m in stage.saved_modules.items()}, stage.stateful(), stage.ema
+    )
+    val_batches = _validation_batches(cfg)
+    start, bad_steps = 0, 0
+    if resume:
+        start, bad_steps = _resume(stage, state, cfg, resume, acc.device)
+    steps = cfg.optim.steps
+    batches = iter(build_step_loader(cfg.data, cfg.scale, cfg.seed, start, rank, world))
+
+    main = acc.is_main_process
+    logbook = Logbook(out, enabled=main)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+    def checkpoint(step: int) -> Path | None:
+        acc.wait_for_everyone()
+        path = None
+        if main:
+            path = save_checkpoint(out / "checkpoints", step, state, {"config": cfg.to_dict(), "bad_steps": bad_steps})
+            prune_checkpoints(out / "checkpoints", cfg.checkpoint.keep)
+        acc.wait_for_everyone()
+        return path
+
+    def validate(step: int) -> None:
+        if not val_batches:
+            return
+        metrics, rows = stage.validate(val_batches, step)
+        if main:
+            logbook.log(step, {f"val/{k}": v for k, v in metrics.items()})
+            if rows and cfg.validation.grid_images:
+                save_grid(rows[: cfg.validation.grid_images], out / "samples" / f"step-{step:08d}.png")
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    bar = tqdm(total=steps, initial=start, disable=not (main and progress), dynamic_ncols=True, unit="step")
+    step = start
+    with _StopFlag() as stop:
+        while step < steps:
+            item = next(batches)
+            hr = item["hr"].to(acc.device)
+            lr = (
+                item["lr"].to(acc.device)
+                if "lr" in item
+                else _degrade(hr, cfg, derive_seed(cfg.seed, step, rank, _DEGRADE))
+            )
+            generator = torch.Generator(acc.device).manual_seed(derive_seed(cfg.seed, step, rank, _STEP))
+            try:
+                with acc.autocast():
+                    logs = stage.train_step({"hr": hr, "lr": lr}, step, generator)
+                bad_steps = 0
+            except NonFiniteLoss as err:
+                stage.zero_grad()
+                bad_steps += 1
+                warnings.warn(f"step {step} skipped: {err} ({bad_steps} in a row)", stacklevel=1)
+                if bad_steps >= cfg.optim.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{bad_steps} steps in a row had a NaN/inf loss (last: {err}); lower optim.lr, "
+                        "check the data, or resume from an earlier checkpoint"
+                    ) from None
+                logs = {}
+            step += 1
+            bar.update(1)
+            if logs:
+                bar.set_postfix_str(_postfix(logs), refresh=False)
+                if main and (step % cfg.optim.log_every == 0 or step == steps):
+                    logbook.log(step, {k: v for k, v in logs.items() if math.isfinite(v)})
+            stop_now = bool(acc.gather(torch.tensor([float(stop.requested)], device=acc.device)).sum() > 0)
+            if stop_now:
+                bar.close()
+                logbook.close()
+                raise TrainingInterrupted(step, checkpoint(step))
+            if step % cfg.checkpoint.every == 0 and step < steps:
+                checkpoint(step)
+            if step % cfg.validation.every == 0 or step == steps:
+                validate(step)
+    bar.close()
+    checkpoint(steps)
+    logbook.close()
+    acc.wait_for_everyone()
+    path = stage.export(out) if main else out / f"{cfg.name}.safetensors"
+    acc.wait_for_everyone()
+    return path
