@@ -33,28 +33,6 @@ def random_student_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_student(tmp_path_factory.mktemp("models") / "random.safetensors", student, name="random-tiny")
 
 
-@pytest.fixture(scope="session")
-def trained_student_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny student fitted for a few seconds to reproduce its input.
-
-    Random networks are chaotic (tiny input changes swing the output), which says nothing
-    about tiling on real models; a few steps of fitting make it behave like a trained one.
-    """
-    torch.manual_seed(0)
-    parts = build_backbone("tiny")
-    student = OneStepStudent(parts.vae, parts.unet, parts.config)
-    params = [p for n, p in student.named_parameters() if n != "prompt_embeds"]
-    opt = torch.optim.Adam(params, lr=2e-3)
-    images = torch.stack([torch.from_numpy(photo_like(48, 48, seed)).permute(2, 0, 1) for seed in range(8)]).float() / 127.5 - 1
-    for step in range(60):
-        batch = images[(step * 4) % 8 : (step * 4) % 8 + 4]
-        loss = F.l1_loss(student(batch), batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return save_student(tmp_path_factory.mktemp("models") / "trained.safetensors", student.eval(), name="fitted-tiny")
-
-
 @pytest.fixture
 def photo_file(tmp_path: Path) -> Path:
     path = tmp_path / "photo.png"

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import photo_like
-from vpdsr import Cancelled, VPDError, load_pipeline
+from vpdsr import Cancelled, VPDError, load_image, load_pipeline
 from vpdsr.color import adain_color_fix, apply_color_fix, wavelet_color_fix
 from vpdsr.errors import ModelFileError, OutOfMemory
+from vpdsr.imageio import pil_to_tensor
 from vpdsr.tiling import count_calls, plan_tiles
 
 
@@ -20,8 +21,9 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def pipe(trained_student_file: Path):
-    return load_pipeline(trained_student_file, device="cpu")
+def pipe():
+    """The embedded default: a trained tiny model, which is what the tiling bound is about."""
+    return load_pipeline(device="cpu")
 
 
 def test_output_size_batches_and_odd_sizes(pipe):
@@ -38,11 +40,13 @@ def test_deterministic_by_default(pipe):
     assert torch.equal(pipe(x), pipe(x))
 
 
-def test_tiled_matches_untiled_above_40db(pipe):
-    x = _image(128, 128, 3)
+@pytest.mark.parametrize("tile", [256, 192])  # exact statistics; statistics from a shrunk input
+def test_tiled_matches_untiled_above_40db(pipe, tile: int):
+    photo = Path(__file__).resolve().parents[1] / "gradio_app" / "examples" / "nuthatch.png"
+    x = pil_to_tensor(load_image(photo).convert("RGB"))
     whole = pipe(x, tile=0, color_fix="none")
     calls = []
-    tiled = pipe(x, tile=256, overlap=64, color_fix="none", progress=lambda d, t: calls.append((d, t)))
+    tiled = pipe(x, tile=tile, overlap=64, color_fix="none", progress=lambda d, t: calls.append((d, t)))
     assert _psnr(whole, tiled) >= 40
     assert len(calls) > 3 and calls[-1][0] == calls[-1][1]  # several tiles, and the bar reaches its total
 
@@ -71,9 +75,9 @@ def test_mask_sets_per_pixel_strength(pipe):
     half[:, :, 16:] = 1
     mixed = pipe(x, color_fix="none", mask=half)
     # left half follows the mask-0 result, right half the full-strength one (away from the seam)
-    assert _psnr(mixed[..., :40], none[..., :40]) > 35
-    assert _psnr(mixed[..., 88:], full[..., 88:]) > 35
-    assert _psnr(full, none) < 35
+    left, right = (..., slice(0, 40)), (..., slice(88, 128))
+    assert _psnr(mixed[left], none[left]) > _psnr(mixed[left], full[left]) + 3
+    assert _psnr(mixed[right], full[right]) > _psnr(mixed[right], none[right]) + 3
 
 
 def test_bad_arguments_are_clear(pipe):
@@ -93,16 +97,16 @@ def test_out_of_memory_halves_the_tile(pipe, monkeypatch):
     decode = pipe.student.decode
     seen = []
 
-    def small_memory_decode(z):
-        seen.append(z.shape[-1])
-        if z.shape[-1] > 16:
+    def small_memory_decode(z):  # a device that holds a 32x32 latent at most
+        seen.append(z.shape[-1] * z.shape[-2])
+        if seen[-1] > 32 * 32:
             raise torch.OutOfMemoryError("simulated")
         return decode(z)
 
     monkeypatch.setattr(pipe.student, "decode", small_memory_decode)
-    out = pipe(_image(32, 32), tile=0)
-    assert out.shape == (1, 3, 128, 128)
-    assert max(seen) > 16 and seen[-1] <= 16
+    out = pipe(_image(64, 64), tile=0)
+    assert out.shape == (1, 3, 256, 256)
+    assert seen[0] == 64 * 64 and seen[-1] <= 32 * 32
 
 
 def test_out_of_memory_at_the_smallest_tile_is_reported(pipe, monkeypatch):

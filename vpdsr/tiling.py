@@ -6,9 +6,11 @@ Two things make tiles visible in naive implementations, and both are handled her
 - GroupNorm: every tile would normalise with its own statistics, so flat and busy tiles would
   come out with different contrast. ``GroupNormSync`` makes every GroupNorm use whole-image
   statistics instead. They are recorded in one extra pass over the *whole* input, shrunk to
-  one tile's area so that it fits wherever a tile fits. We tried recording them tile by tile
-  instead: each tile's upstream layers then normalise with the wrong statistics, and on a
-  fitted tiny model the result was ~40 dB from the untiled output, against 45-55 dB here.
+  at most four tiles' area (if even that runs out of memory, the pipeline's retry halves the
+  tile). Up to that size the statistics are exact and tiled output is within ~68 dB of the
+  untiled one on the default model; when the pass is shrunk, fine texture is under-counted
+  (32-57 dB). Recording tile by tile was worse: each tile's upstream layers then normalise with
+  the wrong statistics (~40 dB even on smooth images).
 """
 
 from __future__ import annotations
@@ -166,9 +168,9 @@ def tiled_apply(
 
 
 def shrink_for_statistics(x: torch.Tensor, tile: int, align: int) -> torch.Tensor:
-    """The whole input, antialiased down to one tile's area (never enlarged)."""
+    """The whole input, antialiased down to four tiles' area (never enlarged)."""
     h, w = x.shape[2:]
-    factor = max(1.0, math.sqrt(h * w / (tile * tile)))
+    factor = max(1.0, math.sqrt(h * w / (4 * tile * tile)))
     size = (max(align, round(h / factor / align) * align), max(align, round(w / factor / align) * align))
     if size == (h, w):
         return x
