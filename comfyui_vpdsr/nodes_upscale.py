@@ -117,10 +117,6 @@ class OneStepSR(io.ComfyNode):
     ) -> io.NodeOutput:
         if image.dim() != 4 or image.shape[-1] != 3:
             raise VPDError(f"One-Step SR takes an RGB IMAGE batch (B, H, W, 3), got shape {tuple(image.shape)}")
-        if mask is not None and mask.dim() == 3 and mask.shape[0] not in (1, image.shape[0]):
-            raise VPDError(
-                f"the mask batch has {mask.shape[0]} masks for {image.shape[0]} images; give one, or one per image"
-            )
         tile = tile_size or None
         device = model_management.get_torch_device()
         model_management.free_memory(memory_estimate(vpd_model, image, scale, tile), device)

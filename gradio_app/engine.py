@@ -21,7 +21,7 @@ from PIL import Image
 
 from gradio_app.config import DemoConfig
 from vpdsr import VPDPipeline, default_model_path, load_pipeline, read_meta
-from vpdsr.errors import ImageError, ModelFileError, VPDError
+from vpdsr.errors import ModelFileError, VPDError
 from vpdsr.imageio import load_image, pil_to_tensor, save_image
 from vpdsr.modelfile import StudentMeta
 from vpdsr.pipeline import resolve_device
@@ -154,12 +154,7 @@ def fresh_folder(workdir: Path) -> Path:
 def open_upload(path: str | Path, max_pixels: int) -> Image.Image:
     """Decode an uploaded file with the demo's pixel limit; errors name the file as uploaded."""
     path = Path(path)
-    try:
-        return load_image(path.read_bytes(), max_pixels=max_pixels)
-    except OSError as err:
-        raise ImageError(f"{path.name}: the upload cannot be read ({err.strerror or err})") from None
-    except ImageError as err:
-        raise ImageError(str(err).replace("uploaded image", path.name, 1)) from None
+    return load_image(path, max_pixels=max_pixels, name=path.name)
 
 
 def upscale_image(

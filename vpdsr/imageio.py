@@ -57,9 +57,14 @@ def _png_bit_depth(data: bytes) -> int:
     return 8
 
 
-def load_image(source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image, with clear errors for corrupt, unsupported or huge files."""
-    name = str(source) if isinstance(source, (str, Path)) else "uploaded image"
+def load_image(
+    source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> Image.Image:
+    """Open and fully decode an image, with clear errors for corrupt, unsupported or huge files.
+
+    ``name`` is what error messages call the image (an upload's original file name, say).
+    """
+    name = name or (str(source) if isinstance(source, (str, Path)) else "uploaded image")
     try:
         data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source if isinstance(source, bytes) else source.read()
     except OSError as err:

@@ -138,6 +138,8 @@ class VPDPipeline:
         if not torch.isfinite(image).all():
             raise VPDError("the image contains NaN or infinite values")
         cond = self._condition(prompt)
+        if mask is not None:
+            mask = self._check_mask(mask, image.shape[0])
         out_h, out_w = round(image.shape[2] * scale), round(image.shape[3] * scale)
         if tile is None:
             tile = 0 if out_h * out_w <= 1024 * 1024 else (1024 if self.device.type == "cuda" else 512)
@@ -196,16 +198,23 @@ class VPDPipeline:
         return apply_color_fix(y, x, color_fix).clamp(0, 1)
 
     @staticmethod
-    def _blend_mask(x0: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Per-pixel generative strength: 1 keeps the student's latent, 0 keeps the input's."""
+    def _check_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """Bring a mask to Bx1xHxW before any work, so a wrong one fails at once."""
         if mask.dim() == 2:
             mask = mask[None, None]
         elif mask.dim() == 3:
             mask = mask[:, None]
         if mask.dim() != 4 or mask.shape[1] != 1:
             raise VPDError(f"mask must be HxW, BxHxW or Bx1xHxW, got {tuple(mask.shape)}")
-        if mask.shape[0] not in (1, x0.shape[0]):
-            raise VPDError(f"the mask batch ({mask.shape[0]}) must be 1 or match the image batch ({x0.shape[0]})")
+        if mask.shape[0] not in (1, batch):
+            raise VPDError(
+                f"the mask batch has {mask.shape[0]} masks for {batch} images; give one, or one per image"
+            )
+        return mask
+
+    @staticmethod
+    def _blend_mask(x0: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Per-pixel generative strength: 1 keeps the student's latent, 0 keeps the input's."""
         # the mask covers the unpadded image: fit it to the unpadded part of the latent, then pad
         m = F.interpolate(mask.float().clamp(0, 1).to(x0.device), size=(h, w), mode="bilinear", align_corners=False)
         m = F.pad(m, (0, x0.shape[3] - w, 0, x0.shape[2] - h), mode="replicate")
