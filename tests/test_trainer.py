@@ -25,6 +25,7 @@ from trainer import cli
 from trainer.config import ConfigError, load_config
 from trainer.loop import TrainingInterrupted, TrainingStopped, train
 from trainer.stages import student as student_module
+from trainer.stages.teacher import VAEReconstruction
 from trainer.stages.student import StudentStage
 from trainer.teacher_file import load_teacher
 from vpdsr.backbones import build_backbone
@@ -122,6 +123,7 @@ def test_overrides_are_typed_by_the_dataclass_fields():
         (["optim=3"], "optim must be a mapping"),
         (["optim.lr.x=3"], "optim.lr.x=3.: optim.lr is a value, not a section"),
         (["stage=distill"], "stage must be one of"),
+        (["student.lora_rank=4"], "train_vae_decoder needs lora_rank 0"),
     ],
 )
 def test_bad_config_values_fail_at_start_with_the_key_named(overrides, message):
@@ -171,6 +173,17 @@ def test_teacher_stage_trains_vae_then_unet_and_exports(teacher_file):
     assert teacher.sample(z_lr, 2, torch.Generator().manual_seed(0)).shape == z_lr.shape
 
 
+def test_vae_reconstruction_decodes_the_mean_or_a_sample():
+    torch.manual_seed(0)
+    vae = build_backbone("tiny").vae
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    run = lambda sample, seed: VAEReconstruction(vae, sample)(x, torch.Generator().manual_seed(seed))[0]  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(run(False, 0), run(False, 1))
+        assert torch.allclose(run(False, 0), vae.decode(vae.encode(x).latent_dist.mean).sample)
+        assert not torch.allclose(run(True, 0), run(True, 1))
+
+
 def test_student_stage_with_every_offline_loss_exports_a_loadable_model(teacher_file, images, tmp_path):
     out = tmp_path / "student"
     cfg = load_config(STUDENT, common(images, out) + [
@@ -195,6 +208,12 @@ def test_student_stage_with_every_offline_loss_exports_a_loadable_model(teacher_
     assert (
         pipe.info["training"]["stage"] == "student" and pipe.info["training"]["config"]["losses"]["vsd"]["weight"] > 0
     )
+    # tiny-student.yaml trains the whole VAE: encoder and decoder both moved away from the teacher's
+    teacher_vae = load_teacher(teacher_file)[0].vae.state_dict()
+    student_vae = pipe.student.vae.state_dict()
+    for part in ("encoder.conv_in.weight", "decoder.conv_out.weight"):
+        assert not torch.equal(student_vae[part], teacher_vae[part]), part
+    assert torch.equal(student_vae["post_quant_conv.weight"], teacher_vae["post_quant_conv.weight"])
     with Image.open(next(images.glob("*.png"))) as img:
         up = pipe.upscale_pil(img)
         assert up.size == (img.width * 4, img.height * 4)
@@ -207,7 +226,8 @@ def test_student_with_lora_feature_discriminator_and_clip_losses(teacher_file, i
     save_clip(tmp_path / "clip.safetensors", clip, spec)
     out = tmp_path / "student"
     cfg = load_config(STUDENT, common(images, out) + [
-        f"student.teacher={teacher_file}", "optim.steps=2", "student.lora_rank=2", "optim.ema_decay=0",
+        f"student.teacher={teacher_file}", "optim.steps=2", "student.lora_rank=2", "student.train_vae_decoder=false",
+        "optim.ema_decay=0",
         f"clip.path={tmp_path / 'clip.safetensors'}", "losses.semantic.weight=0.5", "losses.semantic.kl_weight=0.1",
         "losses.hfp.clip_weight=0.1", "losses.hfp.bands=both", "losses.adversarial.discriminator=prior_features",
         "losses.adversarial.start_step=0", "losses.regression.weight=0", "losses.vsd.weight=0",

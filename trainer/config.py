@@ -136,6 +136,9 @@ class TeacherConfig:
     vae_kl_weight: float = 1e-6
     vae_hfp_weight: float = 0.0
     """Weight of the pixel high-frequency loss on VAE reconstructions (sharper decodes)."""
+    vae_sample: bool = True
+    """Decode posterior samples (SD's recipe). False decodes the posterior mean, which is all
+    inference ever decodes, and from scratch it converges several times faster on a CPU budget."""
     vae_lr_fraction: float = 0.25
     """Share of each VAE batch taken by upscaled LR images: the student's encoder sees those."""
     cond_dropout: float = 0.1
@@ -176,13 +179,22 @@ class StudentConfig:
     lora_alpha: float = 0.0
     """0 means alpha = rank."""
     train_vae_encoder: bool = False
-    """Also train the VAE encoder (LoRA when lora_rank > 0); the decoder stays frozen so the
-    prior's latent space and the student's decoder keep agreeing."""
+    """Also train the VAE encoder (LoRA when lora_rank > 0)."""
+    color_fix: Literal["none", "adain", "wavelet"] = "none"
+    """The inference colour fix to train under: the pixel losses and validation see the fixed
+    output, as users will, so the student spends no capacity on the low band the fix replaces."""
+    train_vae_decoder: bool = False
+    """Also train the VAE decoder in full (only with lora_rank 0). OSEDiff keeps it frozen so the
+    student's latents stay those the prior scores; a small backbone whose VAE had only minutes of
+    training gains far more fidelity from it than it loses, since the pixel losses still tie the
+    decoder to the HR images."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.timestep <= 999:
             raise ValueError(f"timestep must be in [0, 999], got {self.timestep}")
         _check_nonnegative(self, "lora_rank", "lora_alpha")
+        if self.train_vae_decoder and self.lora_rank > 0:
+            raise ValueError("train_vae_decoder needs lora_rank 0 (the decoder has no LoRA targets)")
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Initial weights come from the teacher file (tiny backbone: its trained VAE, and its UNet where
 shapes match; the student's ``conv_in`` takes the teacher's LR-latent half, which makes the
 untrained student already approximate the teacher's first, t=999, step) or from SD base weights
-(LoRA on the UNet, ``conv_in`` trained in full). The VAE decoder is always frozen, so the
-student's latents stay in the latent space the frozen prior scores.
+(LoRA on the UNet, ``conv_in`` trained in full). The VAE decoder is frozen unless
+``student.train_vae_decoder`` (tiny backbone), so the student's latents stay in the latent space
+the frozen prior scores.
 
 Each step: the student makes SR from the bicubic-upscaled LR; the weighted losses of
 ``cfg.losses`` update it; then VSD's fake model and the discriminator take their own steps.
@@ -22,6 +23,7 @@ from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from vpdsr.color import apply_color_fix
 from vpdsr.lora import (
     UNET_TARGET_SUFFIXES,
     VAE_ENCODER_TARGET_SUFFIXES,
@@ -132,6 +134,8 @@ class StudentStage(Stage):
         self.prepare_in_place(self.student, "unet")
         if self.train_encoder:
             self.prepare_in_place(vae, "encoder")
+        if self.train_decoder:
+            self.prepare_in_place(vae, "decoder")
         if self.vsd is not None:
             self.saved_modules["fake"] = self.vsd.fake_unet
             self.add_optimizer("fake", self.vsd.fake_parameters(), losses.vsd.fake_lr)
@@ -146,10 +150,11 @@ class StudentStage(Stage):
     # ------------------------------------------------------------------ set-up
 
     def _make_trainable(self, vae: nn.Module, unet: UNet2DConditionModel) -> list[LoraSpec]:
-        """Full UNet (lora_rank 0) or LoRA + conv_in; optionally the VAE encoder. Returns LoRA specs."""
+        """Full UNet (lora_rank 0) or LoRA + conv_in; optionally the VAE encoder and decoder. Returns LoRA specs."""
         sc = self.cfg.student
         self.student.requires_grad_(False)
         self.train_encoder = sc.train_vae_encoder
+        self.train_decoder = sc.train_vae_decoder
         specs = []
         if sc.lora_rank > 0:
             alpha = sc.lora_alpha or float(sc.lora_rank)
@@ -165,6 +170,8 @@ class StudentStage(Stage):
             unet.requires_grad_(True)
             if sc.train_vae_encoder:
                 vae.encoder.requires_grad_(True)
+            if sc.train_vae_decoder:
+                vae.decoder.requires_grad_(True)
         return specs
 
     def _build_losses(self, prior: LatentDiffusion | None, teacher: LatentDiffusion | None) -> None:
@@ -242,6 +249,7 @@ class StudentStage(Stage):
         hr = to_signed(batch["hr"])
         lr_up = to_signed(bicubic_up(batch["lr"], hr.shape[-2:]))
         sr, z_sr = self._student_forward(lr_up)
+        sr = apply_color_fix(sr, lr_up, self.cfg.student.color_fix)
         with torch.no_grad():
             z_lr_prior = self.prior.encode(lr_up) if self.prior is not None and self.prior.lr_conditioned else None
             z_lr_teacher = (
@@ -292,6 +300,7 @@ class StudentStage(Stage):
         """SR in [0, 1] for LR in [0, 1], exactly the path training takes (no tiling)."""
         x = pad_to_multiple(to_signed(bicubic_up(lr, size)), self.multiple)
         sr, _ = self._student_forward(x)
+        sr = apply_color_fix(sr, x, self.cfg.student.color_fix)
         return to_unit(sr[..., : size[0], : size[1]])
 
     @torch.no_grad()
@@ -312,6 +321,8 @@ class StudentStage(Stage):
         self.unwrap_in_place(self.student, "unet")
         if self.train_encoder:
             self.unwrap_in_place(self.vae, "encoder")
+        if self.train_decoder:
+            self.unwrap_in_place(self.vae, "decoder")
         if self.ema is not None:
             self.ema.copy_to_params()
         keep_lora = bool(self.lora_specs) and self.cfg.student.init_from == "base"

@@ -35,15 +35,17 @@ VAL_SEED = 1234
 
 
 class VAEReconstruction(nn.Module):
-    """encode -> sample -> decode as one ``forward``, so DDP sees the VAE being trained."""
+    """encode -> sample (or mean) -> decode as one ``forward``, so DDP sees the VAE being trained."""
 
-    def __init__(self, vae: AutoencoderKL) -> None:
+    def __init__(self, vae: AutoencoderKL, sample: bool = True) -> None:
         super().__init__()
         self.vae = vae
+        self.sample = sample
 
     def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         posterior = self.vae.encode(x).latent_dist
-        return self.vae.decode(posterior.sample(generator)).sample, posterior.kl().mean()
+        z = posterior.sample(generator) if self.sample else posterior.mean
+        return self.vae.decode(z).sample, posterior.kl().mean()
 
 
 class TeacherStage(Stage):
@@ -74,7 +76,7 @@ class TeacherStage(Stage):
         self.unet = unet
         self.vae_steps = tc.vae_steps
         if self.vae_steps:
-            self.vae_trainer = self.acc.prepare(VAEReconstruction(vae))
+            self.vae_trainer = self.acc.prepare(VAEReconstruction(vae, tc.vae_sample))
             self.add_optimizer("vae", list(vae.parameters()), tc.vae_lr)
         self.add_optimizer(
             "unet", list(unet.parameters()), cfg.optim.lr, main=True, total_steps=cfg.optim.steps - self.vae_steps
