@@ -29,6 +29,7 @@ from trainer.losses import (
     vsd_target,
     wavelet_bands,
 )
+from trainer.losses.hfp import band_energy_loss
 from trainer.losses.lpips import LPIPS
 from vpdsr.backbones import build_backbone
 from vpdsr.errors import ModelFileError
@@ -163,6 +164,21 @@ def test_hfp_loss_weights_high_frequencies():
         hfp_loss(x[..., :4, :4], x[..., :4, :4], levels=3)
     with pytest.raises(ValueError, match="bands"):
         hfp_loss(x, x, "fourier")
+
+
+def test_band_energy_loss_asks_for_detail_not_its_exact_phase():
+    hr = torch.rand(1, 1, 64, 64, generator=_gen()) * 2 - 1  # white-noise texture, all detail
+    shifted = torch.roll(hr, shifts=(3, 5), dims=(2, 3))  # the same texture, out of place
+    blurred = torch.nn.functional.avg_pool2d(hr, 5, stride=1, padding=2).requires_grad_()
+    assert _f(band_energy_loss(shifted, hr)) < 0.02 < _f(hfp_loss(shifted, hr))
+    assert _f(band_energy_loss(blurred, hr)) > 5 * _f(band_energy_loss(shifted, hr))
+    band_energy_loss(blurred, hr).backward()  # a step down the gradient sharpens the blur
+    sharper = blurred.detach() - 0.5 * blurred.grad / blurred.grad.abs().max()
+    assert _f(band_energy_loss(sharper, hr)) < _f(band_energy_loss(blurred, hr))
+    plain, with_energy = HFPLoss("laplacian", 3), HFPLoss("laplacian", 3, energy_weight=2.0)
+    assert _f(with_energy(blurred, hr)) == pytest.approx(
+        _f(plain(blurred, hr)) + 2.0 * _f(band_energy_loss(blurred, hr)), rel=1e-5
+    )
 
 
 def test_hfp_module_pixel_and_clip_terms(semantic):

@@ -276,10 +276,18 @@ class HFPLossConfig:
     levels: int = 3
     clip_weight: float = 0.0
     """Cosine loss on CLIP embeddings of the high-pass images (needs clip.path)."""
+    energy_weight: float = 0.0
+    """L1 on the local RMS of the Laplacian bands: asks for detail of the right strength without
+    its exact phase, which band L1 alone punishes into blur."""
+    energy_window: int = 8
+    """Side in pixels of the windows the band RMS is taken over."""
 
     def __post_init__(self) -> None:
         if self.levels < 1:
             raise ValueError(f"levels must be >= 1, got {self.levels}")
+        if self.energy_window < 1:
+            raise ValueError(f"energy_window must be >= 1, got {self.energy_window}")
+        _check_nonnegative(self, "energy_weight")
 
 
 @dataclass

@@ -7,6 +7,12 @@ term. Two decompositions are offered: a Laplacian pyramid (kornia's pyrdown/pyru
 bands an octave apart) and a Haar wavelet split (the horizontal, vertical and diagonal details,
 which separate edge orientations). Optionally the finest band is also compared in CLIP's
 feature space, which tolerates a shifted texture that shows the same kind of detail.
+
+Band L1 alone is minimised by blur wherever the exact detail cannot be known from the LR, which
+above the LR's Nyquist frequency is almost everywhere: a student trained on it comes out as
+smooth as bicubic. The energy term compares the bands' local strength (RMS over small windows)
+instead of their values, so it asks for the right amount of detail in each place without
+demanding its exact phase.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch import nn
 
 from vpdsr.semantics import SemanticModel
 
-__all__ = ["HFPLoss", "hfp_loss", "laplacian_bands", "wavelet_bands"]
+__all__ = ["HFPLoss", "band_energy_loss", "hfp_loss", "laplacian_bands", "wavelet_bands"]
 
 Bands = Literal["laplacian", "wavelet", "both"]
 
@@ -74,6 +80,24 @@ def hfp_loss(sr: torch.Tensor, hr: torch.Tensor, bands: Bands = "laplacian", lev
     return torch.stack(terms).mean()
 
 
+def _local_rms(band: torch.Tensor, window: int) -> torch.Tensor:
+    window = min(window, *band.shape[-2:])
+    return (F.avg_pool2d(band.pow(2), window, stride=max(1, window // 2)) + 1e-8).sqrt()
+
+
+def band_energy_loss(sr: torch.Tensor, hr: torch.Tensor, levels: int = 3, window: int = 8) -> torch.Tensor:
+    """Mean L1 distance between the local RMS of SR's and HR's Laplacian bands."""
+    if sr.shape != hr.shape:
+        raise ValueError(f"sr and hr must have the same shape, got {tuple(sr.shape)} and {tuple(hr.shape)}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    terms = [
+        F.l1_loss(_local_rms(s, window), _local_rms(h, window))
+        for s, h in zip(laplacian_bands(sr, levels), laplacian_bands(hr, levels), strict=True)
+    ]
+    return torch.stack(terms).mean()
+
+
 class HFPLoss(nn.Module):
     """Pixel-band term plus, with a CLIP, a feature term on the high-pass images.
 
@@ -82,8 +106,10 @@ class HFPLoss(nn.Module):
     """
 
     def __init__(self, bands: Bands = "laplacian", levels: int = 3, semantic: SemanticModel | None = None,
-                 clip_weight: float = 0.0, gain: float = 4.0) -> None:  # fmt: skip
+                 clip_weight: float = 0.0, gain: float = 4.0, energy_weight: float = 0.0,
+                 energy_window: int = 8) -> None:  # fmt: skip
         super().__init__()
+        self.energy_weight, self.energy_window = energy_weight, energy_window
         if clip_weight > 0 and semantic is None:
             raise ValueError("the HFP CLIP term needs a CLIP (set clip.path)")
         self.bands, self.levels, self.clip_weight, self.gain = bands, levels, clip_weight, gain
@@ -91,6 +117,8 @@ class HFPLoss(nn.Module):
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         loss = hfp_loss(sr, hr, self.bands, self.levels)
+        if self.energy_weight > 0:
+            loss = loss + self.energy_weight * band_energy_loss(sr, hr, self.levels, self.energy_window)
         if self.semantic is not None:
             hp_sr = (laplacian_bands(sr, 1)[0] * self.gain / 2 + 0.5).clamp(0, 1)
             with torch.no_grad():

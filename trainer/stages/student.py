@@ -204,7 +204,14 @@ class StudentStage(Stage):
             if semantic is not None and (lc.semantic.weight > 0 or lc.semantic.kl_weight > 0)
             else None
         )
-        self.hfp = HFPLoss(lc.hfp.bands, lc.hfp.levels, semantic, lc.hfp.clip_weight) if lc.hfp.weight > 0 else None
+        h = lc.hfp
+        self.hfp = (
+            HFPLoss(
+                h.bands, h.levels, semantic, h.clip_weight, energy_weight=h.energy_weight, energy_window=h.energy_window
+            )
+            if h.weight > 0
+            else None
+        )
         self.regression = None
         if lc.regression.weight > 0:
             if teacher is None:
