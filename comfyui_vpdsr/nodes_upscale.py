@@ -13,7 +13,7 @@ from comfy.utils import ProgressBar
 from comfy_api.latest import io
 
 from vpdsr import VPDPipeline
-from vpdsr.color import COLOR_FIXES
+from vpdsr.color import COLOR_FIXES, DEFAULT_COLOR_FIX
 from vpdsr.errors import Cancelled, VPDError
 
 from .nodes_load import CATEGORY
@@ -81,7 +81,7 @@ class OneStepSR(io.ComfyNode):
                 io.Combo.Input(
                     "color_fix",
                     options=list(COLOR_FIXES),
-                    default="adain",
+                    default=DEFAULT_COLOR_FIX,
                     tooltip="Match the output's colours to the input: adain (per-channel mean and spread), "
                     "wavelet (keep the input's low frequencies) or none.",
                 ),

@@ -35,7 +35,7 @@ from gradio_app.engine import (
     upscale_batch,
     upscale_file,
 )
-from vpdsr.color import COLOR_FIXES
+from vpdsr.color import COLOR_FIXES, DEFAULT_COLOR_FIX
 from vpdsr.errors import VPDError
 from vpdsr.semantics import InspectionReport
 
@@ -208,7 +208,7 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
                     )
                 color_fix = gr.Radio(
                     list(COLOR_FIXES),
-                    value="adain",
+                    value=DEFAULT_COLOR_FIX,
                     label="Colour fix",
                     info="match the output's colours to the input's",
                 )

@@ -21,6 +21,7 @@ from PIL import Image
 
 from gradio_app.config import DemoConfig
 from vpdsr import VPDPipeline, default_model_path, load_pipeline, read_meta
+from vpdsr.color import DEFAULT_COLOR_FIX
 from vpdsr.errors import ModelFileError, VPDError
 from vpdsr.imageio import load_image, pil_to_tensor, save_image
 from vpdsr.modelfile import StudentMeta
@@ -38,7 +39,7 @@ _KEEP_RESULTS_S = 3600.0
 class UpscaleOptions:
     scale: float = 4.0
     tile: int | None = None  # None: automatic, 0: no tiling
-    color_fix: str = "adain"
+    color_fix: str = DEFAULT_COLOR_FIX
     prompt: str | None = None
 
 

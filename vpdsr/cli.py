@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .color import COLOR_FIXES
+from .color import COLOR_FIXES, DEFAULT_COLOR_FIX
 from .errors import VPDError
 from .imageio import DEFAULT_MAX_PIXELS, load_image, save_image
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--scale", type=float, default=4.0, help="upscale factor, 1 to 8 (default 4)")
     up.add_argument("--tile", type=int, default=None, help="tile size in output pixels; 0 disables (default: auto)")
     up.add_argument("--overlap", type=int, default=64, help="tile overlap in output pixels (default 64)")
-    up.add_argument("--color-fix", choices=COLOR_FIXES, default="adain", help="colour correction (default adain)")
+    up.add_argument("--color-fix", choices=COLOR_FIXES, default=DEFAULT_COLOR_FIX, help=f"colour correction (default {DEFAULT_COLOR_FIX})")
     up.add_argument("--prompt", default=None, help="text prompt (models with a text encoder only)")
     up.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     up.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])

@@ -3,6 +3,9 @@
 Both fixes keep the student's detail and take the colour from the bicubic-upscaled input:
 - AdaIN matches each channel's mean and standard deviation (cheap, global);
 - wavelet swaps in the input's low-frequency band (local, so it also fixes regional casts).
+
+Wavelet is the default: it is the one the embedded model is trained under, and on DRealSR it
+keeps more fidelity than AdaIN for every model we measured (see MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["COLOR_FIXES", "adain_color_fix", "apply_color_fix", "wavelet_color_fix"]
+__all__ = ["COLOR_FIXES", "DEFAULT_COLOR_FIX", "adain_color_fix", "apply_color_fix", "wavelet_color_fix"]
 
 COLOR_FIXES = ("none", "adain", "wavelet")
+DEFAULT_COLOR_FIX = "wavelet"
 
 
 def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

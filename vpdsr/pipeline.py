@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .color import COLOR_FIXES, apply_color_fix
+from .color import COLOR_FIXES, DEFAULT_COLOR_FIX, apply_color_fix
 from .errors import ModelFileError, OutOfMemory, VPDError
 from .imageio import join_image, split_image
 from .model import OneStepStudent
@@ -121,7 +121,7 @@ class VPDPipeline:
         prompt: str | None = None,
         tile: int | None = None,
         overlap: int = 64,
-        color_fix: str = "adain",
+        color_fix: str = DEFAULT_COLOR_FIX,
         mask: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
