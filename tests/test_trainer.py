@@ -124,6 +124,7 @@ def test_overrides_are_typed_by_the_dataclass_fields():
         (["optim.lr.x=3"], "optim.lr.x=3.: optim.lr is a value, not a section"),
         (["stage=distill"], "stage must be one of"),
         (["student.lora_rank=4"], "train_vae_decoder needs lora_rank 0"),
+        (["student.color_fix=sepia"], "color_fix must be one of"),
     ],
 )
 def test_bad_config_values_fail_at_start_with_the_key_named(overrides, message):

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vpdsr.color import COLOR_FIXES
+
 from .config_loading import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from .data import DataConfig
 from .degradations import DegradationConfig
@@ -180,7 +182,7 @@ class StudentConfig:
     """0 means alpha = rank."""
     train_vae_encoder: bool = False
     """Also train the VAE encoder (LoRA when lora_rank > 0)."""
-    color_fix: Literal["none", "adain", "wavelet"] = "none"
+    color_fix: str = "none"
     """The inference colour fix to train under: the pixel losses and validation see the fixed
     output, as users will, so the student spends no capacity on the low band the fix replaces."""
     train_vae_decoder: bool = False
@@ -193,6 +195,8 @@ class StudentConfig:
         if not 0 <= self.timestep <= 999:
             raise ValueError(f"timestep must be in [0, 999], got {self.timestep}")
         _check_nonnegative(self, "lora_rank", "lora_alpha")
+        if self.color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}")
         if self.train_vae_decoder and self.lora_rank > 0:
             raise ValueError("train_vae_decoder needs lora_rank 0 (the decoder has no LoRA targets)")
 
@@ -277,8 +281,8 @@ class HFPLossConfig:
     clip_weight: float = 0.0
     """Cosine loss on CLIP embeddings of the high-pass images (needs clip.path)."""
     energy_weight: float = 0.0
-    """L1 on the local RMS of the Laplacian bands: asks for detail of the right strength without
-    its exact phase, which band L1 alone punishes into blur."""
+    """L1 on the local RMS of the same bands: asks for detail of the right strength without its
+    exact phase, which band L1 alone punishes into blur."""
     energy_window: int = 8
     """Side in pixels of the windows the band RMS is taken over."""
 

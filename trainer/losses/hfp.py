@@ -26,7 +26,7 @@ from torch import nn
 
 from vpdsr.semantics import SemanticModel
 
-__all__ = ["HFPLoss", "band_energy_loss", "hfp_loss", "laplacian_bands", "wavelet_bands"]
+__all__ = ["HFPLoss", "band_energy_loss", "hfp_loss", "laplacian_bands", "split_bands", "wavelet_bands"]
 
 Bands = Literal["laplacian", "wavelet", "both"]
 
@@ -67,35 +67,49 @@ def wavelet_bands(x: torch.Tensor, levels: int = 3) -> list[torch.Tensor]:
     return bands
 
 
-def hfp_loss(sr: torch.Tensor, hr: torch.Tensor, bands: Bands = "laplacian", levels: int = 3) -> torch.Tensor:
-    """Mean L1 distance between the high-frequency bands of SR and HR."""
+_SPLITS = {"laplacian": (laplacian_bands,), "wavelet": (wavelet_bands,), "both": (laplacian_bands, wavelet_bands)}
+
+
+def split_bands(x: torch.Tensor, bands: Bands = "laplacian", levels: int = 3) -> list[torch.Tensor]:
+    """The high-frequency bands of ``x`` under the chosen decomposition(s), finest first."""
+    if bands not in _SPLITS:
+        raise ValueError(f"bands must be one of {sorted(_SPLITS)}, got {bands!r}")
+    return [band for split in _SPLITS[bands] for band in split(x, levels)]
+
+
+def _check_pair(sr: torch.Tensor, hr: torch.Tensor) -> None:
     if sr.shape != hr.shape:
         raise ValueError(f"sr and hr must have the same shape, got {tuple(sr.shape)} and {tuple(hr.shape)}")
-    splits = {"laplacian": (laplacian_bands,), "wavelet": (wavelet_bands,), "both": (laplacian_bands, wavelet_bands)}
-    if bands not in splits:
-        raise ValueError(f"bands must be one of {sorted(splits)}, got {bands!r}")
-    terms = [
-        F.l1_loss(s, h) for split in splits[bands] for s, h in zip(split(sr, levels), split(hr, levels), strict=True)
-    ]
-    return torch.stack(terms).mean()
 
 
-def _local_rms(band: torch.Tensor, window: int) -> torch.Tensor:
-    window = min(window, *band.shape[-2:])
-    return (F.avg_pool2d(band.pow(2), window, stride=max(1, window // 2)) + 1e-8).sqrt()
+def _mean_l1(sr_bands: list[torch.Tensor], hr_bands: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([F.l1_loss(s, h) for s, h in zip(sr_bands, hr_bands, strict=True)]).mean()
 
 
-def band_energy_loss(sr: torch.Tensor, hr: torch.Tensor, levels: int = 3, window: int = 8) -> torch.Tensor:
-    """Mean L1 distance between the local RMS of SR's and HR's Laplacian bands."""
-    if sr.shape != hr.shape:
-        raise ValueError(f"sr and hr must have the same shape, got {tuple(sr.shape)} and {tuple(hr.shape)}")
+def _local_rms(bands: list[torch.Tensor], window: int) -> list[torch.Tensor]:
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    terms = [
-        F.l1_loss(_local_rms(s, window), _local_rms(h, window))
-        for s, h in zip(laplacian_bands(sr, levels), laplacian_bands(hr, levels), strict=True)
-    ]
-    return torch.stack(terms).mean()
+    out = []
+    for band in bands:
+        w = min(window, *band.shape[-2:])
+        out.append((F.avg_pool2d(band.pow(2), w, stride=max(1, w // 2)) + 1e-8).sqrt())
+    return out
+
+
+def hfp_loss(sr: torch.Tensor, hr: torch.Tensor, bands: Bands = "laplacian", levels: int = 3) -> torch.Tensor:
+    """Mean L1 distance between the high-frequency bands of SR and HR."""
+    _check_pair(sr, hr)
+    return _mean_l1(split_bands(sr, bands, levels), split_bands(hr, bands, levels))
+
+
+def band_energy_loss(
+    sr: torch.Tensor, hr: torch.Tensor, bands: Bands = "laplacian", levels: int = 3, window: int = 8
+) -> torch.Tensor:
+    """Mean L1 distance between the local RMS (``window`` px) of SR's and HR's bands."""
+    _check_pair(sr, hr)
+    return _mean_l1(
+        _local_rms(split_bands(sr, bands, levels), window), _local_rms(split_bands(hr, bands, levels), window)
+    )
 
 
 class HFPLoss(nn.Module):
@@ -109,16 +123,19 @@ class HFPLoss(nn.Module):
                  clip_weight: float = 0.0, gain: float = 4.0, energy_weight: float = 0.0,
                  energy_window: int = 8) -> None:  # fmt: skip
         super().__init__()
-        self.energy_weight, self.energy_window = energy_weight, energy_window
         if clip_weight > 0 and semantic is None:
             raise ValueError("the HFP CLIP term needs a CLIP (set clip.path)")
         self.bands, self.levels, self.clip_weight, self.gain = bands, levels, clip_weight, gain
+        self.energy_weight, self.energy_window = energy_weight, energy_window
         self.semantic = semantic if clip_weight > 0 else None
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-        loss = hfp_loss(sr, hr, self.bands, self.levels)
-        if self.energy_weight > 0:
-            loss = loss + self.energy_weight * band_energy_loss(sr, hr, self.levels, self.energy_window)
+        _check_pair(sr, hr)
+        sr_bands, hr_bands = split_bands(sr, self.bands, self.levels), split_bands(hr, self.bands, self.levels)
+        loss = _mean_l1(sr_bands, hr_bands)
+        if self.energy_weight > 0:  # the same bands, not split a second time
+            rms_sr, rms_hr = _local_rms(sr_bands, self.energy_window), _local_rms(hr_bands, self.energy_window)
+            loss = loss + self.energy_weight * _mean_l1(rms_sr, rms_hr)
         if self.semantic is not None:
             hp_sr = (laplacian_bands(sr, 1)[0] * self.gain / 2 + 0.5).clamp(0, 1)
             with torch.no_grad():
