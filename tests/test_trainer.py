@@ -378,3 +378,52 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(teacher_file, im
     assert_same()
     train(cfg, resume=str(tmp_path / "resumed" / "checkpoints" / "step-00000002"), progress=False)  # as after a crash
     assert_same()
+
+
+# ----------------------------------------------------------------------------- pretrained SR teacher
+
+
+def _tiny_esrgan(path: Path, scale: int = 4) -> Path:
+    """A random RRDBNet (ESRGAN) written as spandrel and ComfyUI would find it in the wild."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(0)
+    model = ESRGAN(num_filters=8, num_blocks=1, scale=scale)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def test_student_distils_a_spandrel_teacher_with_cached_outputs(teacher_file, images, tmp_path):
+    sr_teacher, cache = _tiny_esrgan(tmp_path / "esrgan.safetensors"), tmp_path / "cache"
+    overrides = [
+        f"student.teacher={teacher_file}", f"student.sr_teacher={sr_teacher}", f"student.sr_teacher_cache={cache}",
+        "losses.sr_teacher.weight=1.0", "losses.sr_teacher.hfp_target=true", "losses.sr_teacher.gan_target=true",
+        "losses.adversarial.start_step=0", "losses.vsd.weight=0", "losses.diffloss.weight=0",
+        "losses.regression.weight=0", "data.fixed_batches=2", "optim.steps=4", "validation.every=4",
+    ]  # fmt: skip
+    out = tmp_path / "student"
+    train(load_config(STUDENT, common(images, out) + overrides), progress=False)
+    assert {"sr_teacher", "hfp", "gan_d"} <= logged_names(out)
+    entries = sorted(cache.rglob("*.safetensors"))
+    assert len(entries) == 4  # 2 fixed batches of 2 crops, each taught once though seen twice
+    assert load_file(entries[0])["sr"].dtype == torch.uint8 and load_file(entries[0])["sr"].shape == (3, 32, 32)
+    stamps = {p: p.stat().st_mtime_ns for p in entries}
+    train(load_config(STUDENT, common(images, tmp_path / "again") + overrides), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")} == stamps  # all read back, none remade
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["losses.sr_teacher.weight=1.0"], "set student.sr_teacher"),
+        (["student.sr_teacher=SRT"], "no loss uses it"),
+        (["student.sr_teacher=SRT_X2", "losses.sr_teacher.weight=1.0"], "upscales x2, this run trains x4"),
+        (["student.sr_teacher=missing.pth", "losses.sr_teacher.weight=1.0"], "missing.pth not found"),
+    ],
+)
+def test_sr_teacher_mistakes_are_named_at_start(teacher_file, images, tmp_path, overrides, message):
+    files = {"SRT": _tiny_esrgan(tmp_path / "x4.safetensors"), "SRT_X2": _tiny_esrgan(tmp_path / "x2.safetensors", 2)}
+    overrides = [o.split("=")[0] + "=" + str(files.get(o.split("=")[1], o.split("=")[1])) for o in overrides]
+    cfg = load_config(STUDENT, common(images, tmp_path / "out") + [f"student.teacher={teacher_file}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        train(cfg, progress=False)

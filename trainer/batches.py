@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import DataConfig, build_train_dataset
 
-__all__ = ["SeededItems", "StepBatchSampler", "build_step_loader", "derive_seed"]
+__all__ = ["SeededItems", "StepBatchSampler", "build_step_loader", "data_step", "derive_seed"]
 
 
 def derive_seed(*parts: int) -> int:
@@ -47,12 +47,20 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     """Endless batches of ``(index, item_seed)`` keys, starting at a given step."""
 
     def __init__(
-        self, size: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        period: int = 0,
     ) -> None:
         if size < batch_size:
             raise ValueError(f"{size} images cannot fill a batch of {batch_size}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start_step, self.rank, self.world = start_step, rank, world
+        self.period = period  # > 0: step s repeats the batch of step s mod period (data.fixed_batches)
 
     def batch(self, global_batch: int) -> list[tuple[int, int]]:
         per_epoch = self.size // self.batch_size
@@ -62,10 +70,16 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         return [(i, derive_seed(self.seed, global_batch, j, 2)) for j, i in enumerate(chosen)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        b = self.start_step * self.world + self.rank
+        step = self.start_step
         while True:
-            yield self.batch(b)
-            b += self.world
+            yield self.batch(data_step(step, self.period) * self.world + self.rank)
+            step += 1
+
+
+def data_step(step: int, period: int) -> int:
+    """The step whose crops and degradation step ``step`` uses: itself, or with
+    ``data.fixed_batches`` = period > 0, its place in the repeating cycle."""
+    return step % period if period else step
 
 
 def build_step_loader(
@@ -73,5 +87,5 @@ def build_step_loader(
 ) -> DataLoader:
     """An endless loader of training batches from step ``start_step`` on (see module docstring)."""
     dataset = build_train_dataset(cfg, scale)
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, start_step, rank, world)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, start_step, rank, world, cfg.fixed_batches)
     return DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=cfg.num_workers)

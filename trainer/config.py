@@ -190,6 +190,11 @@ class StudentConfig:
     student's latents stay those the prior scores; a small backbone whose VAE had only minutes of
     training gains far more fidelity from it than it loses, since the pixel losses still tie the
     decoder to the HR images."""
+    sr_teacher: str | None = None
+    """A pretrained pixel-space SR network that spandrel loads (.pth or .safetensors: ESRGAN,
+    Real-ESRGAN, SwinIR, HAT...); ``losses.sr_teacher`` regresses the student onto its output."""
+    sr_teacher_cache: str | None = None
+    """Folder caching the teacher's outputs by teacher file and LR pixels (see data.fixed_batches)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.timestep <= 999:
@@ -259,6 +264,18 @@ class RegressionLossConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class SRTeacherLossConfig:
+    """Distillation onto a pretrained SR network's output for the same LR (student.sr_teacher)."""
+
+    weight: float = 0.0
+    kind: Literal["l1", "mse"] = "l1"
+    hfp_target: bool = False
+    """The HFP term compares with the teacher's output instead of the HR crop."""
+    gan_target: bool = False
+    """The discriminator takes the teacher's outputs as its "real" images instead of the HR crops."""
 
 
 @dataclass
@@ -333,6 +350,7 @@ class LossesConfig:
     reconstruction: ReconstructionLossConfig = field(default_factory=ReconstructionLossConfig)
     vsd: VSDLossConfig = field(default_factory=VSDLossConfig)
     regression: RegressionLossConfig = field(default_factory=RegressionLossConfig)
+    sr_teacher: SRTeacherLossConfig = field(default_factory=SRTeacherLossConfig)
     semantic: SemanticLossConfig = field(default_factory=SemanticLossConfig)
     hfp: HFPLossConfig = field(default_factory=HFPLossConfig)
     adversarial: AdversarialLossConfig = field(default_factory=AdversarialLossConfig)

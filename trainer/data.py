@@ -58,6 +58,10 @@ class DataConfig:
     """Optional LR twins of the validation images; without them the trainer degrades the HR."""
     val_crop_size: int | None = 512
     """Centre crops of this HR size, or None for full images (then one image per batch)."""
+    fixed_batches: int = 0
+    """0: every step draws new crops and a new degradation. N > 0: step s repeats the crops and
+    the degradation seed of step s mod N, a fixed set of N batches; with a slow teacher
+    (``student.sr_teacher``) each crop's target is then computed once and cached."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -75,6 +79,8 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.fixed_batches < 0:
+            raise ValueError(f"fixed_batches must be >= 0, got {self.fixed_batches}")
         if self.val_crop_size is not None and self.val_crop_size < 1:
             raise ValueError(f"val_crop_size must be >= 1 or null, got {self.val_crop_size}")
 

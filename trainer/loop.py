@@ -21,7 +21,7 @@ import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm import tqdm
 
-from .batches import build_step_loader, derive_seed
+from .batches import build_step_loader, data_step, derive_seed
 from .checkpoint import CheckpointState, find_latest, load_checkpoint, prune_checkpoints, save_checkpoint, trained_keys
 from .config import TrainConfig
 from .config_loading import ConfigError
@@ -173,7 +173,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, progress: bool = True)
             lr = (
                 item["lr"].to(acc.device)
                 if "lr" in item
-                else _degrade(hr, cfg, derive_seed(cfg.seed, step, rank, _DEGRADE))
+                else _degrade(hr, cfg, derive_seed(cfg.seed, data_step(step, cfg.data.fixed_batches), rank, _DEGRADE))
             )
             generator = torch.Generator(acc.device).manual_seed(derive_seed(cfg.seed, step, rank, _STEP))
             try:

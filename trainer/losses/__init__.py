@@ -9,6 +9,7 @@ from .lpips import LPIPS, load_lpips
 from .reconstruction import ReconstructionLoss, reconstruction_loss
 from .regression import TeacherRegressionLoss
 from .semantic import SemanticLoss, load_semantic_model
+from .sr_teacher import SRTeacher, load_sr_teacher
 from .vsd import VSDLoss, vsd_target
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "HFPLoss",
     "LPIPS",
     "ReconstructionLoss",
+    "SRTeacher",
     "SemanticLoss",
     "TeacherRegressionLoss",
     "UNetDiscriminator",
@@ -28,6 +30,7 @@ __all__ = [
     "laplacian_bands",
     "load_lpips",
     "load_semantic_model",
+    "load_sr_teacher",
     "reconstruction_loss",
     "vsd_target",
     "wavelet_bands",

@@ -49,6 +49,7 @@ from ..losses import (
     VSDLoss,
     load_lpips,
     load_semantic_model,
+    load_sr_teacher,
 )
 from ..teacher_file import load_teacher
 from .base import Stage, ValBatch, load_base_weights, prompt_embedding, resolve_backbone
@@ -212,6 +213,7 @@ class StudentStage(Stage):
             if h.weight > 0
             else None
         )
+        self._build_sr_teacher()
         self.regression = None
         if lc.regression.weight > 0:
             if teacher is None:
@@ -235,6 +237,27 @@ class StudentStage(Stage):
                 self.device
             )
 
+    def _build_sr_teacher(self) -> None:
+        """The pretrained SR network of ``student.sr_teacher``, and which terms it serves."""
+        sc, st = self.cfg.student, self.cfg.losses.sr_teacher
+        uses = st.weight > 0 or st.hfp_target or st.gan_target
+        self.sr_teacher = None
+        if sc.sr_teacher is None:
+            if uses:
+                raise ConfigError("losses.sr_teacher needs a pretrained SR network: set student.sr_teacher")
+            return
+        if not uses:
+            raise ConfigError(
+                "student.sr_teacher is set but no loss uses it: set losses.sr_teacher.weight "
+                "(or its hfp_target / gan_target)"
+            )
+        if st.gan_target and self.cfg.losses.adversarial.weight <= 0:
+            raise ConfigError("losses.sr_teacher.gan_target needs losses.adversarial.weight > 0")
+        if st.hfp_target and self.cfg.losses.hfp.weight <= 0:
+            raise ConfigError("losses.sr_teacher.hfp_target needs losses.hfp.weight > 0")
+        self.sr_teacher = load_sr_teacher(sc.sr_teacher, self.cfg.scale, sc.sr_teacher_cache).to(self.device)
+        self.sr_distill = ReconstructionLoss(st.kind)
+
     # ------------------------------------------------------------------ training
 
     def train(self, mode: bool = True) -> None:
@@ -257,6 +280,10 @@ class StudentStage(Stage):
         lr_up = to_signed(bicubic_up(batch["lr"], hr.shape[-2:]))
         sr, z_sr = self._student_forward(lr_up)
         sr = apply_color_fix(sr, lr_up, self.cfg.student.color_fix)
+        st = lc.sr_teacher
+        teacher_sr = to_signed(self.sr_teacher(batch["lr"])) if self.sr_teacher is not None else None
+        hfp_target = teacher_sr if st.hfp_target else hr
+        gan_real = teacher_sr if st.gan_target else hr
         with torch.no_grad():
             z_lr_prior = self.prior.encode(lr_up) if self.prior is not None and self.prior.lr_conditioned else None
             z_lr_teacher = (
@@ -266,13 +293,16 @@ class StudentStage(Stage):
                 self.adversarial is not None and self.adversarial.prior is not None
             )
             z_hr = self.prior.encode(hr) if need_hr_latent else None
+            z_real = self.prior.encode(gan_real) if st.gan_target and need_hr_latent else z_hr
         adversarial_on = self.adversarial is not None and step >= lc.adversarial.start_step
 
         terms: dict[str, tuple[float, torch.Tensor]] = {"rec": (lc.reconstruction.weight, self.reconstruction(sr, hr))}
         if self.lpips is not None:
             terms["lpips"] = (lc.reconstruction.lpips_weight, self.lpips(sr, hr).mean())
         if self.hfp is not None:
-            terms["hfp"] = (lc.hfp.weight, self.hfp(sr, hr))
+            terms["hfp"] = (lc.hfp.weight, self.hfp(sr, hfp_target))
+        if teacher_sr is not None and st.weight > 0:
+            terms["sr_teacher"] = (st.weight, self.sr_distill(sr, teacher_sr))
         if self.semantic is not None:
             ess = self.semantic(sr, hr)
             terms["ess_cos"] = (lc.semantic.weight, ess["cosine"])
@@ -291,7 +321,9 @@ class StudentStage(Stage):
         if self.vsd is not None:
             logs["vsd_fake"] = self.optimize("fake", self.vsd.fake_loss(z_sr, z_lr_prior, generator))
         if adversarial_on:
-            d_loss = self.adversarial.discriminator_loss(sr.detach(), hr, z_sr.detach(), z_hr, z_lr_prior, generator)
+            d_loss = self.adversarial.discriminator_loss(
+                sr.detach(), gan_real, z_sr.detach(), z_real, z_lr_prior, generator
+            )
             logs["gan_d"] = self.optimize("discriminator", d_loss)
         logs["lr"] = self.schedulers["student"].get_last_lr()[0]
         return logs

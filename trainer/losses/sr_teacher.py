@@ -1,0 +1,114 @@
+"""A pretrained pixel-space SR network as a teacher: distillation onto its output for the same LR.
+
+This is the "vanilla distillation from a strong teacher" of VPD-SR and SinSR, with the teacher
+being any model a researcher already has (ESRGAN, Real-ESRGAN, SwinIR, HAT...): whatever spandrel,
+ComfyUI's own upscale-model loader, can open. The student regresses onto the teacher's output,
+which, unlike the HR crop, holds only what can be inferred from the LR: an easier, consistent
+target for a small student, and optionally the target of the HFP and GAN terms too.
+
+A large teacher dominates a CPU step, so its outputs can be cached: in memory for the run, and in
+``student.sr_teacher_cache`` on disk, keyed by the teacher file and by the exact LR pixels. The LR
+of a step is a pure function of its degradation seed (see ``trainer.loop``), so with
+``data.fixed_batches`` a crop keeps its seed, reappears every cycle and is never recomputed, and
+a resumed or repeated run reads the same targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config_loading import ConfigError
+
+__all__ = ["SRTeacher", "load_sr_teacher"]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def load_sr_teacher(path: str | Path, scale: int, cache_dir: str | Path | None = None) -> SRTeacher:
+    """Open ``path`` with spandrel and check it upscales by ``scale``; clear errors, no traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"student.sr_teacher: {path} not found (convert the bundled Real-ESRGAN with "
+            "`python trainer/run.py export-realesrgan -o realesrgan-x4plus.safetensors`)"
+        )
+    if path.suffix.lower() not in (".pth", ".pt", ".safetensors", ".ckpt"):
+        raise ConfigError(f"student.sr_teacher: {path.name} is not a .pth or .safetensors model file")
+    try:
+        import spandrel
+    except ImportError:
+        raise ConfigError(
+            'student.sr_teacher needs spandrel: pip install "vpdsr[train]" (or pip install spandrel)'
+        ) from None
+    try:
+        descriptor = spandrel.ModelLoader().load_from_file(str(path))
+    except Exception as err:  # spandrel raises many types for unknown or damaged files
+        raise ConfigError(f"student.sr_teacher: spandrel cannot load {path.name}: {err}") from None
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+        raise ConfigError(f"student.sr_teacher: {path.name} is not a super-resolution model")
+    if descriptor.scale != scale:
+        raise ConfigError(f"student.sr_teacher: {path.name} upscales x{descriptor.scale}, this run trains x{scale}")
+    cache = Path(cache_dir) / f"{path.stem}-{_file_digest(path)}" if cache_dir else None
+    return SRTeacher(descriptor.model, scale, cache)
+
+
+class SRTeacher(nn.Module):
+    """Frozen SR network, LR in [0, 1] -> SR in [0, 1] rounded to 8-bit (as its images would be
+    published), each output cached by the LR's exact pixels."""
+
+    def __init__(self, model: nn.Module, scale: int, cache_dir: Path | None = None) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.scale, self.cache_dir = scale, cache_dir
+        self._memory: dict[str, torch.Tensor] = {}
+        self.computed = 0  # teacher runs (cache misses), for tests and logs
+
+    def train(self, mode: bool = True) -> SRTeacher:
+        return super().train(False)  # always frozen: no dropout or norm statistics change
+
+    @staticmethod
+    def _key(lr: torch.Tensor) -> str:
+        return hashlib.sha256(lr.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:32]
+
+    def _lookup(self, key: str) -> torch.Tensor | None:
+        if key in self._memory:
+            return self._memory[key]
+        if self.cache_dir is not None:
+            file = self.cache_dir / f"{key}.safetensors"
+            if file.is_file():
+                self._memory[key] = load_file(file)["sr"]
+                return self._memory[key]
+        return None
+
+    def _store(self, key: str, sr_u8: torch.Tensor) -> None:
+        self._memory[key] = sr_u8
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_dir / f"{key}.safetensors.tmp"
+            save_file({"sr": sr_u8}, tmp)
+            tmp.replace(self.cache_dir / f"{key}.safetensors")  # never a half-written entry
+
+    @torch.no_grad()
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        keys = [self._key(item) for item in lr]
+        found = [self._lookup(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            device = next(self.model.parameters()).device
+            out = self.model(lr[missing].float().to(device)).clamp(0, 1)
+            for i, sr in zip(missing, out, strict=True):
+                found[i] = (sr * 255).round().to(torch.uint8).cpu()
+                self._store(keys[i], found[i])
+            self.computed += len(missing)
+        return torch.stack(found).to(lr.device, torch.float32) / 255
