@@ -23,7 +23,7 @@ import vpdsr
 from tests.sd_fixtures import TINY_SD2, ldm_state, random_parts, text_tower
 from trainer import cli
 from trainer.config import ConfigError, load_config
-from trainer.loop import TrainingInterrupted, TrainingStopped, train
+from trainer.loop import TrainingInterrupted, TrainingStopped, fill_sr_teacher_cache, train
 from trainer.stages import student as student_module
 from trainer.stages.teacher import VAEReconstruction
 from trainer.stages.student import StudentStage
@@ -402,13 +402,15 @@ def test_student_distils_a_spandrel_teacher_with_cached_outputs(teacher_file, im
         "losses.regression.weight=0", "data.fixed_batches=2", "optim.steps=4", "validation.every=4",
     ]  # fmt: skip
     out = tmp_path / "student"
-    train(load_config(STUDENT, common(images, out) + overrides), progress=False)
-    assert {"sr_teacher", "hfp", "gan_d"} <= logged_names(out)
+    cfg = load_config(STUDENT, common(images, out) + overrides)
+    assert fill_sr_teacher_cache(cfg, progress=False) == 4  # 2 fixed batches of 2 crops, made ahead
+    assert fill_sr_teacher_cache(cfg, progress=False) == 0
     entries = sorted(cache.rglob("*.safetensors"))
-    assert len(entries) == 4  # 2 fixed batches of 2 crops, each taught once though seen twice
+    assert len(entries) == 4
     assert load_file(entries[0])["sr"].dtype == torch.uint8 and load_file(entries[0])["sr"].shape == (3, 32, 32)
     stamps = {p: p.stat().st_mtime_ns for p in entries}
-    train(load_config(STUDENT, common(images, tmp_path / "again") + overrides), progress=False)
+    train(cfg, progress=False)  # 4 steps see each fixed batch twice
+    assert {"sr_teacher", "hfp", "gan_d"} <= logged_names(out)
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")} == stamps  # all read back, none remade
 
 

@@ -13,6 +13,7 @@ import random
 import signal
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,10 @@ from .data import build_val_loader
 from .degradations import degrade
 from .images import save_grid
 from .logbook import Logbook
+from .losses import load_sr_teacher
 from .stages import NonFiniteLoss, Stage, build_stage
 
-__all__ = ["TrainingInterrupted", "TrainingStopped", "train"]
+__all__ = ["TrainingInterrupted", "TrainingStopped", "fill_sr_teacher_cache", "step_inputs", "train"]
 
 # Purposes mixed into derive_seed, so the streams of one step never coincide.
 _DEGRADE, _STEP, _VALIDATION = 0, 3, 4
@@ -75,6 +77,45 @@ class _StopFlag:
 def _degrade(hr: torch.Tensor, cfg: TrainConfig, seed: int) -> torch.Tensor:
     lr, _ = degrade(hr, cfg.degradation, torch.Generator().manual_seed(seed), cfg.scale)
     return lr
+
+
+def step_inputs(
+    cfg: TrainConfig, start: int, rank: int = 0, world: int = 1, device: torch.device | str = "cpu"
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Endless ``(step, hr, lr)`` from step ``start`` on: the crops of the step and their LR, made
+    by the degradation seeded by (seed, step, rank) — or read from the paired LR folders."""
+    batches = iter(build_step_loader(cfg.data, cfg.scale, cfg.seed, start, rank, world))
+    step = start
+    while True:
+        item = next(batches)
+        hr = item["hr"].to(device)
+        if "lr" in item:
+            lr = item["lr"].to(device)
+        else:
+            lr = _degrade(hr, cfg, derive_seed(cfg.seed, data_step(step, cfg.data.fixed_batches), rank, _DEGRADE))
+        yield step, hr, lr
+        step += 1
+
+
+def fill_sr_teacher_cache(cfg: TrainConfig, *, progress: bool = True) -> int:
+    """Compute the SR teacher's outputs for every fixed batch of a student config, so that
+    training (here or elsewhere: the cache is plain files) finds them all; returns how many
+    were computed, 0 when the cache was already complete."""
+    sc = cfg.student
+    if cfg.stage != "student" or not sc.sr_teacher or not sc.sr_teacher_cache:
+        raise ConfigError(
+            "cache-sr-teacher needs a student config with student.sr_teacher and student.sr_teacher_cache"
+        )
+    if not cfg.data.fixed_batches:
+        raise ConfigError("cache-sr-teacher needs data.fixed_batches > 0: without it every step has new crops")
+    if cfg.optim.threads:
+        torch.set_num_threads(cfg.optim.threads)
+    teacher = load_sr_teacher(sc.sr_teacher, cfg.scale, sc.sr_teacher_cache)
+    inputs = step_inputs(cfg, 0)
+    for _ in tqdm(range(min(cfg.data.fixed_batches, cfg.optim.steps)), disable=not progress, unit="batch"):
+        _, _, lr = next(inputs)
+        teacher(lr)
+    return teacher.computed
 
 
 def _validation_batches(cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
@@ -137,7 +178,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, progress: bool = True)
     if resume:
         start, bad_steps = _resume(stage, state, cfg, resume, acc.device)
     steps = cfg.optim.steps
-    batches = iter(build_step_loader(cfg.data, cfg.scale, cfg.seed, start, rank, world))
+    inputs = step_inputs(cfg, start, rank, world, acc.device)
 
     main = acc.is_main_process
     logbook = Logbook(out, enabled=main)
@@ -168,13 +209,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, progress: bool = True)
     step = start
     with _StopFlag() as stop:
         while step < steps:
-            item = next(batches)
-            hr = item["hr"].to(acc.device)
-            lr = (
-                item["lr"].to(acc.device)
-                if "lr" in item
-                else _degrade(hr, cfg, derive_seed(cfg.seed, data_step(step, cfg.data.fixed_batches), rank, _DEGRADE))
-            )
+            _, hr, lr = next(inputs)
             generator = torch.Generator(acc.device).manual_seed(derive_seed(cfg.seed, step, rank, _STEP))
             try:
                 with acc.autocast():
