@@ -1,4 +1,4 @@
-"""vpdsr.metrics: PSNR-Y / SSIM-Y conventions (pyiqa's), LSD-HF, and input checks."""
+"""vpdsr.metrics: PSNR-Y / SSIM-Y conventions (pyiqa's), LSD-HF, grid_p, and input checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpdsr.metrics import lsd_hf, psnr_y, radial_power_spectrum, rgb_to_y, ssim_y
+from vpdsr.metrics import grid_p, lsd_hf, psnr_y, radial_power_spectrum, rgb_to_y, ssim_y
 
 
 def textured(seed: int, size: int = 48, channels: int = 3) -> torch.Tensor:
@@ -146,3 +146,82 @@ def test_psnr_and_ssim_agree_with_pyiqa_when_installed() -> None:
     assert psnr_y(sr, hr).item() == pytest.approx(psnr_ref, abs=1e-3)  # pyiqa adds 1e-8 to the MSE
     # Luma exactly half-way between two levels rounds by float32 noise in pyiqa: a pixel or two.
     assert ssim_y(sr, hr).item() == pytest.approx(ssim_ref, abs=1e-4)
+
+
+def periodic(period: int, size: int = 128, amplitude: float = 0.03) -> torch.Tensor:
+    """A zero-mean pattern repeating every ``period`` pixels in both directions, 11HW."""
+    gen = torch.Generator().manual_seed(period)
+    cell = torch.randn(period, period, generator=gen, dtype=torch.float64)
+    cell = amplitude * (cell - cell.mean()) / cell.std()
+    reps = -(-size // period)
+    return cell.repeat(reps, reps)[:size, :size].view(1, 1, size, size)
+
+
+def noise_floor(p: int, size: int) -> float:
+    """grid_p of content not locked to the grid: p x p cell means of N / p^2 samples each."""
+    return p / size
+
+
+@pytest.mark.parametrize("p", [4, 8])
+def test_grid_of_random_noise_is_at_the_noise_floor(p: int) -> None:
+    noise = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(p), dtype=torch.float64)
+    score = grid_p(noise, p).item()
+    assert 0.3 * noise_floor(p, 128) < score < 2.0 * noise_floor(p, 128)
+
+
+def test_grid_sees_a_4_pixel_pattern_at_4_and_8_but_not_a_3_pixel_one() -> None:
+    smooth = textured(20, size=128)
+    with_4 = (smooth + periodic(4)).clamp(0, 1)
+    with_3 = (smooth + periodic(3)).clamp(0, 1)
+    # Smooth content has fewer independent samples than white noise, so a higher floor than p / N.
+    assert grid_p(smooth, 4).item() < 0.15
+    assert grid_p(with_4, 4).item() > 0.5
+    assert grid_p(with_4, 8).item() > 0.5  # 8 is a multiple of 4: the pattern repeats in the 8x8 cells
+    assert grid_p(with_3, 3).item() > 0.5
+    assert grid_p(with_3, 4).item() < 0.15  # 3 and 4 are coprime: the pattern averages out
+
+
+def test_grid_ignores_blocks_whose_edges_change_sign() -> None:
+    # A nearest-neighbour x4 upscale is blocky, but its block edges step up as often as down, so
+    # the signed 4x4 mean pattern cancels: grid_p flags a fixed pattern, not blockiness.
+    small = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    blocky = F.interpolate(small, scale_factor=4, mode="nearest")
+    for p in (4, 8):
+        assert grid_p(blocky, p).item() < 2.0 * noise_floor(p, 128)
+
+
+def test_grid_ignores_brightness_and_contrast() -> None:
+    image = 0.2 + 0.5 * (textured(21, size=64) + periodic(4, size=64))
+    base = grid_p(image, 4).item()
+    assert grid_p(image + 0.15, 4).item() == pytest.approx(base, abs=1e-9)
+    assert grid_p(0.5 * image, 4).item() == pytest.approx(base, abs=1e-9)
+
+
+def test_grid_of_grey_rgb_equals_grid_of_its_luma() -> None:
+    grey = textured(22, size=64, channels=1) + periodic(4, size=64)
+    assert grid_p(grey.expand(1, 3, 64, 64), 4).item() == pytest.approx(grid_p(grey, 4).item(), abs=1e-9)
+
+
+def test_grid_crops_to_whole_periods_first() -> None:
+    image = textured(23, size=70)[:, :, :70, :67]
+    assert grid_p(image, 4).item() == pytest.approx(grid_p(image[:, :, :68, :64], 4).item(), abs=1e-12)
+
+
+def test_grid_of_a_flat_image_is_zero() -> None:
+    assert grid_p(torch.full((2, 3, 16, 16), 0.4), 4).tolist() == [0.0, 0.0]
+
+
+def test_grid_scores_each_image_of_a_batch() -> None:
+    batch = torch.cat([textured(24, size=32), textured(25, size=32) + periodic(4, size=32)])
+    scores = grid_p(batch, 4)
+    assert scores.shape == (2,) and scores.dtype == torch.float64
+    assert torch.allclose(scores, torch.cat([grid_p(batch[i : i + 1], 4) for i in range(2)]))
+
+
+def test_grid_inputs_are_explained() -> None:
+    with pytest.raises(ValueError, match="at least 2 pixels"):
+        grid_p(torch.rand(1, 3, 16, 16), 1)
+    with pytest.raises(ValueError, match="at least 16x16 pixels for grid_p with p=8"):
+        grid_p(torch.rand(1, 3, 12, 32), 8)
+    with pytest.raises(ValueError, match="1 \\(luma\\) or 3 \\(RGB\\) channels"):
+        grid_p(torch.rand(1, 2, 16, 16))

@@ -1,4 +1,4 @@
-"""Full-reference image metrics for super-resolution: PSNR-Y, SSIM-Y and LSD-HF.
+"""Image metrics for super-resolution: PSNR-Y, SSIM-Y and LSD-HF (full-reference), grid_p (none).
 
 PSNR and SSIM follow the conventions behind the published tables of one-step diffusion SR
 (OSEDiff, VPD-SR, ...), which were computed with pyiqa's ``psnr``/``ssim`` and
@@ -19,6 +19,11 @@ upscale loses high-frequency power and a generative one may invent too much, and
 in PSNR. It compares radially averaged power spectra of the luma, so it rewards the right
 *amount* of detail at each scale, not its exact placement.
 
+grid_p needs no reference: it measures a fixed pattern that repeats every p pixels, the faint
+grid a VAE decoder or a patch-wise network can print over flat areas. LSD-HF cannot see it (a
+grid adds high-band power, which can even *improve* a blurry image's LSD-HF) and PSNR barely
+does, but the eye finds it at once.
+
 All functions take batches of images, BCHW float tensors in [0, 1] with C = 3 (RGB) or C = 1
 (already luma), and return one score per image, shape (B,), float64. Nothing here clamps: pass
 images that are already in [0, 1], as a saved PNG would be.
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["rgb_to_y", "psnr_y", "ssim_y", "radial_power_spectrum", "lsd_hf"]
+__all__ = ["rgb_to_y", "psnr_y", "ssim_y", "radial_power_spectrum", "lsd_hf", "grid_p"]
 
 _BT601_Y_WEIGHTS = (65.481, 128.553, 24.966)  # per unit of R, G, B in [0, 1], out of 255
 _BT601_Y_OFFSET = 16.0
@@ -38,6 +43,9 @@ _BT601_Y_OFFSET = 16.0
 _SSIM_WINDOW = 11
 _SSIM_SIGMA = 1.5
 _SSIM_K1, _SSIM_K2 = 0.01, 0.03
+
+_GRID_BLUR_SIZE = 7  # 7x7 holds +-3 sigma of the sigma-1 Gaussian whose residual is the high band
+_GRID_BLUR_SIGMA = 1.0
 
 _POWER_FLOOR = 1e-20  # keeps log10 finite for flat images; far below any real image's power
 
@@ -178,3 +186,50 @@ def lsd_hf(sr: Tensor, hr: Tensor, low: float = 1.0 / 8.0) -> Tensor:
     log_sr = torch.log10(p_sr[:, first:] + _POWER_FLOOR)
     log_hr = torch.log10(p_hr[:, first:] + _POWER_FLOOR)
     return (log_sr - log_hr).abs().mean(dim=1)
+
+
+def _reflect_gaussian_blur(luma: Tensor, size: int, sigma: float) -> Tensor:
+    """Same-size Gaussian blur with reflect padding, so a constant image stays exactly constant."""
+    kernel = _gaussian_kernel_1d(size, sigma, luma.dtype, luma.device)
+    half = size // 2
+    padded = F.pad(luma, (half, half, half, half), mode="reflect")
+    return _valid_gaussian_filter(padded, kernel)
+
+
+def grid_p(image: Tensor, p: int = 4) -> Tensor:
+    """Strength of a p-periodic pattern in the luma's high band; about 0 for natural images.
+
+    The high band r is luma minus its Gaussian blur (sigma 1). Averaging r over the p x p phase
+    cells (pixel (i, j) goes to cell (i mod p, j mod p), after cropping H and W down to multiples
+    of p) cancels everything that is not locked to the p-pixel grid, and leaves the pattern that
+    is. The score is the RMS of that pattern (its mean removed) over the RMS of r, so it reads as
+    the share of the high band that is grid, whatever the image's contrast or brightness.
+
+    The pattern is signed: a fixed additive grid scores high, but blocks whose edges go up in one
+    place and down in another (a nearest-neighbour upscale) average out and score low. Image
+    content alone leaves a floor of about p / sqrt(H W), 0.008 for p = 4 on 512x512. A pattern
+    of period q also shows at every multiple p of q (a 4 px grid scores the same at p = 8). A
+    flat image has no high band and scores 0, but a nearly flat 8-bit one can score high: when
+    the high band is a fraction of a grey level (a very blurry x4 upscale of a smooth photo), the
+    rounding of its interpolated values is itself locked to the 4 px grid.
+    """
+    _check_image(image, "image")
+    if not isinstance(p, int) or p < 2:
+        raise ValueError(f"p must be an integer period of at least 2 pixels, got {p!r}")
+    min_side = max(2 * p, _GRID_BLUR_SIZE)
+    if min(image.shape[-2:]) < min_side:
+        raise ValueError(
+            f"images must be at least {min_side}x{min_side} pixels for grid_p with p={p}, "
+            f"got {image.shape[-2]}x{image.shape[-1]}"
+        )
+    batch, _, height, width = image.shape
+    luma = rgb_to_y(image.double())[:, :, : height - height % p, : width - width % p]
+    residual = luma - _reflect_gaussian_blur(luma, _GRID_BLUR_SIZE, _GRID_BLUR_SIGMA)
+    rows, cols = residual.shape[-2] // p, residual.shape[-1] // p
+    pattern = residual.reshape(batch, rows, p, cols, p).mean(dim=(1, 3))
+    pattern = pattern - pattern.mean(dim=(1, 2), keepdim=True)
+    pattern_rms = pattern.pow(2).mean(dim=(1, 2)).sqrt()
+    residual_rms = residual.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    # Exactly flat images have r = 0 up to rounding; anything below 1e-12 of a unit is no band.
+    has_band = residual_rms > 1e-12
+    return torch.where(has_band, pattern_rms / residual_rms.where(has_band, torch.ones_like(residual_rms)), 0.0)
