@@ -73,3 +73,21 @@ def test_student_rejects_bad_arguments():
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(ModelFileError, match="unknown backbone 'sd99'"):
         backbone_config("sd99")
+
+
+def test_tiny_v2_decoder_upsamples_smoothly_with_the_same_weight_keys():
+    from vpdsr.backbones import SmoothUpsample
+
+    v2 = backbone_config("tiny-v2")
+    assert v2.vae_factor == 4 and v2.latent_channels == 16 and v2.extra["vae_upsample"] == "bilinear"
+    smooth = build_backbone(v2).vae
+    ups = [u for b in smooth.decoder.up_blocks if b.upsamplers is not None for u in b.upsamplers]
+    assert len(ups) == 2 and all(isinstance(u, SmoothUpsample) for u in ups)
+    nearest = build_backbone({**v2.to_dict(), "vae_upsample": "nearest"}).vae
+    assert smooth.state_dict().keys() == nearest.state_dict().keys()
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert smooth.decode(smooth.encode(x).latent_dist.mean).sample.shape == x.shape
+    with pytest.raises(ModelFileError, match="vae_upsample must be"):
+        build_backbone({**v2.to_dict(), "vae_upsample": "bicubic"})

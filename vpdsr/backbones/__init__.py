@@ -13,13 +13,16 @@ from importlib import resources
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
 
 from ..errors import ModelFileError
 
 __all__ = [
     "Backbone",
     "BackboneConfig",
+    "SmoothUpsample",
     "alphas_cumprod",
     "available_backbones",
     "backbone_config",
@@ -92,6 +95,27 @@ class BackboneConfig:
         )
 
 
+class SmoothUpsample(nn.Module):
+    """The VAE decoder's 2x upsampling as bilinear resize then its 3x3 conv, in place of
+    diffusers' nearest-neighbour resize: a nearest copy gives each output pixel of a 2x2 cell
+    the same input, which the conv after it turns into a pattern repeating every 2 (then 4)
+    pixels, the block grid people saw. Holds the same ``conv`` weights under the same keys."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        size = output_size or (hidden_states.shape[-2] * 2, hidden_states.shape[-1] * 2)
+        return self.conv(F.interpolate(hidden_states, size=size, mode="bilinear", align_corners=False))
+
+
+def _use_smooth_upsampling(vae: AutoencoderKL) -> None:
+    for block in vae.decoder.up_blocks:
+        if block.upsamplers is not None:
+            block.upsamplers = nn.ModuleList(SmoothUpsample(up.conv) for up in block.upsamplers)
+
+
 @dataclass
 class Backbone:
     vae: AutoencoderKL
@@ -125,6 +149,11 @@ def build_backbone(
     with torch.device(device or "cpu"):
         vae = AutoencoderKL(**config.vae)
         unet = UNet2DConditionModel(**config.unet)
+    upsample = config.extra.get("vae_upsample", "nearest")
+    if upsample == "bilinear":
+        _use_smooth_upsampling(vae)
+    elif upsample != "nearest":
+        raise ModelFileError(f"vae_upsample must be 'nearest' or 'bilinear', got {upsample!r}")
     return Backbone(vae=vae, unet=unet, config=config)
 
 
