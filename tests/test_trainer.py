@@ -93,7 +93,16 @@ def teacher_file(images, tmp_path_factory) -> Path:
 
 def test_committed_configs_load():
     stages = {path.stem: load_config(path).stage for path in CONFIGS.glob("*.yaml")}
-    assert stages == {"tiny-teacher": "teacher", "tiny-student": "student", "sd21-student": "student", "dape": "dape"}
+    assert stages == {
+        "tiny-teacher": "teacher",
+        "tiny-student": "student",
+        "tiny-v2-teacher": "teacher",
+        "tiny-v2-student": "student",
+        "sd21-student": "student",
+        "dape": "dape",
+    }
+    v2 = load_config(CONFIGS / "tiny-v2-student.yaml")
+    assert v2.backbone == "tiny-v2" and v2.losses.sr_teacher.weight > 0 and v2.data.fixed_batches > 0
     assert load_config(STUDENT).losses.semantic.weight == 0  # no ESS without a real CLIP
     sd = load_config(SD21)
     assert sd.losses.semantic.weight > 0 and sd.student.lora_rank > 0 and sd.clip.path is None
