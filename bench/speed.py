@@ -86,7 +86,6 @@ def _table(rows: list[dict], peer: str | None) -> str:
 
 
 def main() -> None:
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="student file (default: the embedded default)")
     parser.add_argument("--device", default="cpu")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bench.metric_suite import BUILTIN_COLUMNS
+from bench.quality import HR_ROW, Record, markdown_table, mean_record
 from bench.quality_io import BenchError, list_images, load_rgb, to_tensor
 from bench.sr_methods import split_named
 
@@ -74,23 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    sums: dict[str, dict[str, float]] = {"HR": {}, **{name: {} for name, _ in vaes}}
+    records: dict[str, list[Record]] = {HR_ROW: [], **{name: [] for name, _ in vaes}}
     for path in paths:
         hr = to_tensor(load_rgb(path))
-        outputs = {"HR": hr, **{name: reconstruct(vae.eval(), hr) for name, vae in vaes}}
+        outputs = {HR_ROW: hr, **{name: reconstruct(vae.eval(), hr) for name, vae in vaes}}
         for name, image in outputs.items():
-            for column in _COLUMNS:
-                if name == "HR" and column.needs_reference:
-                    continue
-                value = float(column.compute(image, hr)[0])
-                sums[name][column.name] = sums[name].get(column.name, 0.0) + value
+            shown = [c for c in _COLUMNS if name != HR_ROW or not c.needs_reference]
+            records[name].append({c.name: float(c.compute(image, hr)[0]) for c in shown})
     print(f"VAE encode -> decode of {len(paths)} HR images from {args.hr} (no colour fix)\n")
-    print("| | " + " | ".join(c.header for c in _COLUMNS) + " |")
-    print("|---|" + "---:|" * len(_COLUMNS))
-    for name, totals in sums.items():
-        cells = [f"{totals[c.name] / len(paths):.{c.digits}f}" if c.name in totals else "—"
-                 for c in _COLUMNS]  # fmt: skip
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(markdown_table([mean_record(name, own, _COLUMNS) for name, own in records.items()], _COLUMNS))
     return 0
 
 

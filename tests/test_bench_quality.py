@@ -315,3 +315,18 @@ def test_speed_table_shows_the_peer_ratio() -> None:
     assert "| 128² | 512² | none | 2.00 | 5.00 | 2.50 | 900 | - |" in table
     del row["peer_seconds"]
     assert "peer" not in _table([row], None)
+
+
+def test_vae_ceiling_prints_the_hr_row_and_each_vae(tmp_path, capsys):
+    from bench import vae_ceiling
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((48, 40), Image.BICUBIC).save(
+        tmp_path / "a.png"
+    )
+    assert vae_ceiling.main(["--hr", str(tmp_path), "--model", "default"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    hr = next(line for line in lines if line.startswith("| HR |"))
+    ours = next(line for line in lines if line.startswith("| vpdsr-default |"))
+    assert hr.count("—") == 2 and "—" not in ours  # HR has no PSNR/HaarPSI against itself
+    assert vae_ceiling.main(["--hr", str(tmp_path / "none")]) == 2

@@ -438,3 +438,15 @@ def test_sr_teacher_mistakes_are_named_at_start(teacher_file, images, tmp_path, 
     cfg = load_config(STUDENT, common(images, tmp_path / "out") + [f"student.teacher={teacher_file}", *overrides])
     with pytest.raises(ConfigError, match=message):
         train(cfg, progress=False)
+
+
+def test_sr_teacher_remembers_outputs_only_when_asked(tmp_path):
+    from trainer.losses import load_sr_teacher
+
+    path = _tiny_esrgan(tmp_path / "x4.safetensors")
+    lr = torch.rand(2, 3, 8, 8)
+    for remember in (False, True):
+        teacher = load_sr_teacher(path, 4, remember=remember)
+        first, again = teacher(lr), teacher(lr)
+        assert torch.equal(first, again) and first.shape == (2, 3, 32, 32)
+        assert teacher.computed == (2 if remember else 4)  # no disk cache: memory is the only one

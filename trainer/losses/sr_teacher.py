@@ -35,8 +35,11 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_sr_teacher(path: str | Path, scale: int, cache_dir: str | Path | None = None) -> SRTeacher:
-    """Open ``path`` with spandrel and check it upscales by ``scale``; clear errors, no traceback."""
+def load_sr_teacher(
+    path: str | Path, scale: int, cache_dir: str | Path | None = None, *, remember: bool = False
+) -> SRTeacher:
+    """Open ``path`` with spandrel and check it upscales by ``scale``; clear errors, no traceback.
+    ``remember`` keeps outputs in memory too: only worth it when crops repeat (data.fixed_batches)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -60,17 +63,18 @@ def load_sr_teacher(path: str | Path, scale: int, cache_dir: str | Path | None =
     if descriptor.scale != scale:
         raise ConfigError(f"student.sr_teacher: {path.name} upscales x{descriptor.scale}, this run trains x{scale}")
     cache = Path(cache_dir) / f"{path.stem}-{_file_digest(path)}" if cache_dir else None
-    return SRTeacher(descriptor.model, scale, cache)
+    return SRTeacher(descriptor.model, scale, cache, remember=remember)
 
 
 class SRTeacher(nn.Module):
     """Frozen SR network, LR in [0, 1] -> SR in [0, 1] rounded to 8-bit (as its images would be
-    published), each output cached by the LR's exact pixels."""
+    published), each output cached by the LR's exact pixels: on disk in ``cache_dir``, and in
+    memory with ``remember`` (which would grow without end if every step had new crops)."""
 
-    def __init__(self, model: nn.Module, scale: int, cache_dir: Path | None = None) -> None:
+    def __init__(self, model: nn.Module, scale: int, cache_dir: Path | None = None, *, remember: bool = False) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.scale, self.cache_dir = scale, cache_dir
+        self.scale, self.cache_dir, self.remember = scale, cache_dir, remember
         self._memory: dict[str, torch.Tensor] = {}
         self.computed = 0  # teacher runs (cache misses), for tests and logs
 
@@ -87,12 +91,15 @@ class SRTeacher(nn.Module):
         if self.cache_dir is not None:
             file = self.cache_dir / f"{key}.safetensors"
             if file.is_file():
-                self._memory[key] = load_file(file)["sr"]
-                return self._memory[key]
+                sr_u8 = load_file(file)["sr"]
+                if self.remember:
+                    self._memory[key] = sr_u8
+                return sr_u8
         return None
 
     def _store(self, key: str, sr_u8: torch.Tensor) -> None:
-        self._memory[key] = sr_u8
+        if self.remember:
+            self._memory[key] = sr_u8
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_dir / f"{key}.safetensors.tmp"

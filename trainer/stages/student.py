@@ -255,7 +255,9 @@ class StudentStage(Stage):
             raise ConfigError("losses.sr_teacher.gan_target needs losses.adversarial.weight > 0")
         if st.hfp_target and self.cfg.losses.hfp.weight <= 0:
             raise ConfigError("losses.sr_teacher.hfp_target needs losses.hfp.weight > 0")
-        self.sr_teacher = load_sr_teacher(sc.sr_teacher, self.cfg.scale, sc.sr_teacher_cache).to(self.device)
+        self.sr_teacher = load_sr_teacher(
+            sc.sr_teacher, self.cfg.scale, sc.sr_teacher_cache, remember=self.cfg.data.fixed_batches > 0
+        ).to(self.device)
         self.sr_distill = ReconstructionLoss(st.kind)
 
     # ------------------------------------------------------------------ training
