@@ -1,76 +1,218 @@
-"""The ``vpdsr`` command: upscale files and folders, inspect and convert model files."""
+"""The ``vpdsr`` command: upscale files and folders, inspect and convert model files.
+
+Only the standard library is imported up front: torch and diffusers take seconds to import, so
+they load when a command runs and ``--help``, ``--version`` and argument errors answer at once.
+Arguments are checked, and every output path planned (``vpdsr.outputs``), before a model loads.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
+from . import __version__
+from .errors import ImageError, VPDError
 
-from .color import COLOR_FIXES, DEFAULT_COLOR_FIX
-from .errors import VPDError
-from .imageio import DEFAULT_MAX_PIXELS, load_image, save_image
+if TYPE_CHECKING:
+    from .modelfile import StudentMeta
+    from .outputs import Job
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# The choices of vpdsr.color, which imports torch; tests/test_cli.py keeps the two equal.
+COLOR_FIXES = ("none", "adain", "wavelet")
+DEFAULT_COLOR_FIX = "wavelet"
+MAX_LISTED = 20  # file names shown for one kind of skip; the rest are counted
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command whose reader went away (128 + SIGPIPE)
+
+UPSCALE_DESCRIPTION = """\
+Upscale image files and folders (searched recursively for every format Pillow reads).
+
+Results are PNG files named after their inputs, and a folder's subfolders are kept under -o.
+Where two inputs would get one name (photo.jpg and photo.webp), each one that is not a .png is
+named after its whole file name instead (photo.jpg.png, photo.webp.png).
+
+An existing output is never replaced without --overwrite: it is kept and reported. That is also
+how an interrupted run resumes: run the same command again and it does only what is left."""
 
 
-def _collect(inputs: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        else:
-            files.append(path)
-    return files
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 8, got {text!r}") from None
+    if not (math.isfinite(value) and 1 <= value <= 8):
+        raise argparse.ArgumentTypeError(f"the scale must be from 1 to 8, got {text}")
+    return value
 
 
-def _output_path(src: Path, out: Path, single: bool) -> Path:
-    if single and out.suffix.lower() in IMAGE_SUFFIXES:
-        return out
-    return out / (src.stem + ".png")
+def _tile(text: str) -> int | None:
+    """``auto`` (None: the pipeline picks), 0 (no tiling) or a tile size in output pixels."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 (off) or a tile size in output pixels, got {text!r}")
+    return value
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from .pipeline import load_pipeline
+    from .outputs import plan_outputs
 
-    files = _collect(args.inputs)
-    if not files:
+    plan = plan_outputs(args.inputs, args.output, overwrite=args.overwrite)
+    if not plan.inputs:
+        _report_skipped(plan.skipped)
         print("vpdsr: no input images found", file=sys.stderr)
         return 2
-    pipe = load_pipeline(model=args.model, base=args.base, device=args.device, dtype=args.dtype, allow_download=args.allow_download)
-    out = Path(args.output)
-    failures = 0
-    bar = tqdm(files, unit="img", disable=args.quiet)
-    for src in bar:
-        bar.set_postfix_str(src.name)
-        dst = _output_path(src, out, single=len(files) == 1)
+    written, failed, interrupted = _run(plan.jobs, args) if plan.jobs else (0, [], False)
+    _report_skipped(plan.skipped, plan.existing)
+    for problem in failed:
+        print(f"vpdsr: failed: {problem}", file=sys.stderr)
+    images = _files(written, "image")
+    if interrupted:
+        print(f"vpdsr: interrupted after writing {images} to {plan.output}; run the same command again to resume "
+              "(finished outputs are kept)", file=sys.stderr)  # fmt: skip
+        return 130
+    skipped = len(plan.skipped) + len(plan.existing)
+    counts = [f"{n} {what}" for n, what in ((len(failed), "failed"), (skipped, "skipped")) if n]
+    print(f"vpdsr: wrote {images} to {plan.output}" + (f" ({', '.join(counts)})" if counts else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str], bool]:
+    """Load the model and upscale each job: (images written, why each failure failed, interrupted)."""
+    from tqdm import tqdm
+
+    from .imageio import DEFAULT_MAX_PIXELS, load_image, save_image
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(model=args.model, base=args.base, device=args.device, dtype=args.dtype,
+                         allow_download=args.allow_download)  # fmt: skip
+    options: dict[str, Any] = {"scale": args.scale, "tile": args.tile, "overlap": args.overlap,
+                               "color_fix": args.color_fix, "prompt": args.prompt}  # fmt: skip
+    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
+    written, failed = 0, []
+    bar = tqdm(jobs, unit="img", disable=args.quiet)
+    with warnings.catch_warnings():
+        # the pipeline's notes (what a scale other than the model's own costs) as one line of ours,
+        # not Python's "file:line: UserWarning" report
+        warnings.showwarning = lambda message, *_: tqdm.write(f"vpdsr: note: {message}", file=sys.stderr)
         try:
-            image = load_image(src, max_pixels=args.max_pixels)
-            result = pipe.upscale_pil(image, scale=args.scale, tile=args.tile, overlap=args.overlap, color_fix=args.color_fix, prompt=args.prompt)
-            save_image(result, dst)
-        except VPDError as err:
-            failures += 1
-            tqdm.write(f"vpdsr: skipped {src}: {err}", file=sys.stderr)
-    if failures:
-        print(f"vpdsr: {failures} of {len(files)} images failed", file=sys.stderr)
-        return 1
-    return 0
+            for job in bar:
+                bar.set_postfix_str(job.source.name)
+                try:
+                    image = load_image(job.source, max_pixels=max_pixels)
+                    save_image(pipe.upscale_pil(image, **options), job.target)
+                    written += 1
+                except ImageError as err:  # its message starts with the file's name
+                    failed.append(str(err))
+                except VPDError as err:
+                    failed.append(f"{job.source}: {err}")
+                except OSError as err:
+                    failed.append(f"{job.target}: cannot write the result ({err.strerror or err})")
+        except KeyboardInterrupt:
+            return written, failed, True
+        finally:
+            bar.close()
+    return written, failed, False
+
+
+def _report_skipped(skipped: Iterable[tuple[Path, str]], existing: Sequence[Job] = ()) -> None:
+    """One line per reason, naming each file once (the first ``MAX_LISTED``, then a count)."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(str(path))
+    for reason, names in by_reason.items():
+        _list_files(f"skipped {_files(len(names))}, {reason}", names)
+    if existing:
+        them = "it" if len(existing) == 1 else "them"
+        _list_files(f"kept {_files(len(existing), 'existing output')} (--overwrite replaces {them})",
+                    [str(job.target) for job in existing])  # fmt: skip
+
+
+def _files(n: int, what: str = "file") -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _list_files(head: str, names: list[str]) -> None:
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    print(f"vpdsr: {head}: {', '.join(names[:MAX_LISTED])}{more}", file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .modelfile import read_meta
 
     meta = read_meta(args.model)
+    if not (args.json or args.full):
+        print(_summary(Path(args.model), meta))
+        return 0
     data = json.loads(meta.to_json())
     if not args.full:
         data["backbone"] = {"name": meta.backbone.name, "vae_factor": meta.backbone.vae_factor,
                             "latent_channels": meta.backbone.latent_channels}  # fmt: skip
     print(json.dumps(data, indent=2))
     return 0
+
+
+def _summary(path: Path, meta: StudentMeta) -> str:
+    """A few lines a person reads: what the model is, what it needs, how it was made."""
+    weights = "full weights"
+    if meta.weights == "lora":
+        ranks = sorted({spec.rank for spec in meta.lora})
+        weights = f"LoRA rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}, needs --base"
+    lines = [
+        f"name      {meta.name or path.stem}",
+        f"file      {path} ({path.stat().st_size / 1e6:.1f} MB)",
+        f"backbone  {meta.backbone.name} ({weights})",
+        f"scale     x{meta.scale} (the scale it was trained for)",
+    ]
+    if meta.prompt:
+        lines.append(f"prompt    {meta.prompt!r}")
+    lines.append(f"training  {_training_summary(meta.training)}")
+    lines.append("(vpdsr info --json shows all metadata)")
+    return "\n".join(lines)
+
+
+def _training_summary(training: dict[str, Any], width: int = 60) -> str:
+    """Its plain values, each cut to ``width`` characters; nested ones (a whole config) only by name."""
+    if not training:
+        return "not recorded"
+    parts = []
+    for key, value in training.items():
+        if isinstance(value, (dict, list)):
+            parts.append(f"{key} (see --json)")
+        else:
+            text = str(value)
+            parts.append(f"{key}: {text if len(text) <= width else text[: width - 3] + '...'}")
+    return "; ".join(parts)
 
 
 def cmd_convert_osediff(args: argparse.Namespace) -> int:
@@ -82,36 +224,48 @@ def cmd_convert_osediff(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; building it imports nothing heavy (plugins included)."""
     parser = argparse.ArgumentParser(prog="vpdsr", description="One-step diffusion super-resolution.")
+    parser.add_argument("--version", action="version", version=f"vpdsr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("upscale", help="upscale image files or folders")
+    up = sub.add_parser("upscale", help="upscale image files or folders", description=UPSCALE_DESCRIPTION,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     up.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
-    up.add_argument("-o", "--output", required=True, help="output folder, or a file name for a single input")
+    up.add_argument("-o", "--output", required=True, help="output folder, or an image file name for a single input")
+    up.add_argument("--overwrite", action="store_true",
+                    help="replace existing outputs (without it they are kept, so running an interrupted "
+                         "command again resumes it)")  # fmt: skip
     up.add_argument("--model", help="student .safetensors file (default: the embedded default model)")
     up.add_argument("--base", help="base weights for LoRA students: a diffusers folder or a single-file .safetensors")
-    up.add_argument("--scale", type=float, default=4.0, help="upscale factor, 1 to 8 (default 4)")
-    up.add_argument("--tile", type=int, default=None, help="tile size in output pixels; 0 disables (default: auto)")
-    up.add_argument("--overlap", type=int, default=64, help="tile overlap in output pixels (default 64)")
-    up.add_argument("--color-fix", choices=COLOR_FIXES, default=DEFAULT_COLOR_FIX, help=f"colour correction (default {DEFAULT_COLOR_FIX})")
+    up.add_argument("--scale", type=_scale, default=None,
+                    help="upscale factor, 1 to 8 (default: the model's own scale)")  # fmt: skip
+    up.add_argument("--tile", type=_tile, default=None, metavar="auto|0|N",
+                    help="tile size in output pixels; 0 turns tiling off (default: auto)")  # fmt: skip
+    up.add_argument("--overlap", type=_count(0), default=64, help="tile overlap in output pixels (default 64)")
+    up.add_argument("--color-fix", choices=COLOR_FIXES, default=DEFAULT_COLOR_FIX,
+                    help=f"colour correction (default {DEFAULT_COLOR_FIX})")  # fmt: skip
     up.add_argument("--prompt", default=None, help="text prompt (models with a text encoder only)")
-    up.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    up.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     up.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    up.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse inputs with more pixels")
+    up.add_argument("--max-pixels", type=_count(1), default=None,
+                    help="refuse inputs with more pixels than this (default: 40 megapixels)")  # fmt: skip
     up.add_argument("--allow-download", action="store_true", help="let --base name a Hugging Face repo and download it")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     up.set_defaults(func=cmd_upscale)
 
     info = sub.add_parser("info", help="show a model file's metadata")
     info.add_argument("model")
-    info.add_argument("--full", action="store_true", help="include the full backbone config")
+    info.add_argument("--json", action="store_true", help="print all metadata as JSON")
+    info.add_argument("--full", action="store_true", help="JSON with the backbone's full config (implies --json)")
     info.set_defaults(func=cmd_info)
 
     conv = sub.add_parser("convert-osediff", help="import a released OSEDiff checkpoint (osediff.pkl)")
     conv.add_argument("checkpoint", help="OSEDiff .pkl file")
     conv.add_argument("-o", "--output", required=True, help="output .safetensors file")
     conv.add_argument("--backbone", default="sd21-base", help="backbone it was trained on (default sd21-base)")
-    conv.add_argument("--prompt", default="", help="prompt to condition on (computed with the base's text encoder at load)")
+    conv.add_argument("--prompt", default="",
+                      help="prompt to condition on (computed with the base's text encoder at load)")  # fmt: skip
     conv.set_defaults(func=cmd_convert_osediff)
     _add_plugin_commands(sub)
     return parser
@@ -130,10 +284,25 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
         register(sub)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null once its reader is gone (``vpdsr info MODEL | head``), so the
+    flush at exit does not fail a second time with Python's own report."""
     try:
-        return int(args.func(args))
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture): nothing to flush
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            return int(args.func(args))
+        finally:
+            sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except VPDError as err:
         print(f"vpdsr: {err}", file=sys.stderr)
         return 2

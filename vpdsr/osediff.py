@@ -22,6 +22,7 @@ fixed prompt, embedded at load time with the base's text encoder.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,7 @@ def convert_osediff(
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFileError(f"OSEDiff checkpoint not found: {path}")
+    _check_intact(path)
     data = load_torch_checkpoint(
         path,
         refusal="the file stores Python objects besides tensors, lists and numbers: not a plain OSEDiff checkpoint",
@@ -163,6 +165,31 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         if bad:
             raise ModelFileError(f"{path.name}: {len(bad)} weights in {key} are not finite floats, e.g. {bad[:3]}")
     return data
+
+
+def _check_intact(path: Path) -> None:
+    """Name a cut-off download or a damaged copy as such before torch reads it.
+
+    ``torch.save`` writes a zip archive with its index at the end and a checksum per member.
+    Without this check torch's reader says things like "[Errno 22] Invalid argument" for a
+    truncated file, and loads a file with damaged weights without a word.
+    """
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ModelFileError(f"{path.name}: not a readable checkpoint: the file is empty; copy or download it again")
+    if head != b"PK\x03\x04":
+        return  # not torch's zip format (an old-style pickle, or not a checkpoint at all): torch.load judges it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError):
+        damaged = ""
+    if damaged is not None:
+        where = f" ({damaged} fails its checksum)" if damaged else ""
+        raise ModelFileError(
+            f"{path.name}: not a readable checkpoint: it is truncated or corrupt{where}; copy or download it again"
+        )
 
 
 def _check_against_backbone(
