@@ -1,6 +1,6 @@
 """Seconds per training step of the committed tiny configs, to plan CPU (or GPU) training runs.
 
-    python -m bench.trainer_step_time --data ../shared/datasets/wallpapers [--batch 4 --crop 128 --threads 2]
+    python -m bench.trainer_step_time --data photos [--batch 4 --crop 128 --threads 2]   # photos: a folder of yours
 
 Times whole steps as the loop runs them (next batch, degradation, forward, backward, optimizer
 steps) for the teacher's VAE phase, its UNet phase and the student with tiny-student.yaml's

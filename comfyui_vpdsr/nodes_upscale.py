@@ -23,6 +23,20 @@ from .sockets import VPDModel
 # blocks: a few 128-channel feature maps); an estimate for free_memory, not a limit.
 _VALUES_PER_OUTPUT_PIXEL = 3 * 128
 _UNTILED_PIXELS = 1024 * 1024  # what the core's automatic tile size processes in one piece
+TILING_MODES = ("auto", "off", "fixed")
+
+
+def core_tile(tiling: str, tile_size: int) -> int | None:
+    """The node's tiling mode and size as the core's ``tile``: None picks it, 0 turns tiling off.
+
+    The mode is a widget of its own: with a single number, 0 meant "automatic" in the node but
+    "off" in the CLI and the core, and the node could not turn tiling off at all.
+    """
+    if tiling not in TILING_MODES:
+        raise VPDError(f"tiling must be one of {', '.join(TILING_MODES)}, got {tiling!r}")
+    if tiling == "fixed" and tile_size < 1:
+        raise VPDError(f"tiling 'fixed' needs a tile_size above 0, got {tile_size}")
+    return {"auto": None, "off": 0}.get(tiling, tile_size)
 
 
 def bhwc_to_bchw(image: torch.Tensor) -> torch.Tensor:
@@ -37,7 +51,7 @@ def memory_estimate(pipe: VPDPipeline, image: torch.Tensor, scale: float, tile: 
     """Weights plus the activations of one tile (or of the whole image, when it is not tiled)."""
     weights = sum(t.numel() * t.element_size() for t in pipe.student.state_dict().values())
     out_pixels = round(image.shape[1] * scale) * round(image.shape[2] * scale)
-    tile_pixels = min(out_pixels, tile * tile if tile else _UNTILED_PIXELS)
+    tile_pixels = out_pixels if tile == 0 else min(out_pixels, _UNTILED_PIXELS if tile is None else tile * tile)
     dtype_bytes = torch.finfo(pipe.dtype).bits // 8
     return int(weights + tile_pixels * image.shape[0] * _VALUES_PER_OUTPUT_PIXEL * dtype_bytes)
 
@@ -55,20 +69,30 @@ class OneStepSR(io.ComfyNode):
                 VPDModel.Input("vpd_model", tooltip="A student from Load VPD Model."),
                 io.Float.Input(
                     "scale",
-                    default=4.0,
-                    min=1.0,
+                    default=0.0,
+                    min=0.0,
                     max=8.0,
                     step=0.5,
-                    tooltip="Output size over input size (1 to 8). Students are trained at x4.",
+                    tooltip="Output size over input size, 1 to 8; 0 = the model's own (x4 for the embedded one). "
+                    "The model always runs at its own scale: smaller ones are resampled from it, larger ones add "
+                    "no more detail.",
+                ),
+                io.Combo.Input(
+                    "tiling",
+                    options=list(TILING_MODES),
+                    default="auto",
+                    tooltip="auto: up to 1 megapixel in one piece, else 1024 px tiles on CUDA and 512 px elsewhere; "
+                    "off: the whole image in one piece; fixed: tiles of tile_size. Tiles are halved when "
+                    "memory runs out.",
                 ),
                 io.Int.Input(
                     "tile_size",
-                    default=0,
-                    min=0,
+                    default=512,
+                    min=16,
                     max=4096,
-                    step=64,
-                    tooltip="Output-pixel tile size; 0 = automatic (up to 1 megapixel in one piece, else 1024 px "
-                    "tiles on CUDA and 512 px elsewhere). Halved automatically when memory runs out.",
+                    step=16,
+                    tooltip="Output-pixel tile size when tiling is fixed (rounded up to the model's multiple); "
+                    "unused otherwise.",
                 ),
                 io.Int.Input(
                     "tile_overlap",
@@ -109,6 +133,7 @@ class OneStepSR(io.ComfyNode):
         image: torch.Tensor,
         vpd_model: VPDPipeline,
         scale: float,
+        tiling: str,
         tile_size: int,
         tile_overlap: int,
         color_fix: str,
@@ -117,9 +142,11 @@ class OneStepSR(io.ComfyNode):
     ) -> io.NodeOutput:
         if image.dim() != 4 or image.shape[-1] != 3:
             raise VPDError(f"One-Step SR takes an RGB IMAGE batch (B, H, W, 3), got shape {tuple(image.shape)}")
-        tile = tile_size or None
+        tile = core_tile(tiling, tile_size)
+        core_scale = scale or None  # a FLOAT widget has a fixed default: 0 stands for the model's own
         device = model_management.get_torch_device()
-        model_management.free_memory(memory_estimate(vpd_model, image, scale, tile), device)
+        estimate = memory_estimate(vpd_model, image, vpd_model.network_scale(core_scale), tile)  # the network's size
+        model_management.free_memory(estimate, device)
         bar: ProgressBar | None = None
 
         def progress(done: int, total: int) -> None:
@@ -132,7 +159,7 @@ class OneStepSR(io.ComfyNode):
         try:
             out = vpd_model(
                 bhwc_to_bchw(image),
-                scale=scale,
+                scale=core_scale,
                 prompt=prompt.strip() or None,
                 tile=tile,
                 overlap=tile_overlap,

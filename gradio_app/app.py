@@ -199,7 +199,14 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
                     elem_id="input-image",
                 )
                 with gr.Row():
-                    scale = gr.Slider(1, 8, value=models.default_scale, step=0.5, label="Scale")
+                    scale = gr.Slider(
+                        1,
+                        8,
+                        value=models.default_scale,
+                        step=0.5,
+                        label="Scale",
+                        info=f"the model's own is ×{models.default_scale:g}; it always runs at that one",
+                    )
                     tile = gr.Dropdown(
                         TILE_CHOICES,
                         value="auto",

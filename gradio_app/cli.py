@@ -23,14 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C. gradio's own banner is silenced: its "set `share=True` in `launch()`"
+    hint speaks to Python callers, and the demo never shares; one line of ours gives the address."""
     config = config_from_args(args)
     from gradio_app.app import build_demo, launch_demo
 
+    demo = build_demo(config)
     try:
-        launch_demo(build_demo(config), config)
+        _, url, _ = launch_demo(demo, config, prevent_thread_lock=True, quiet=True)
     except OSError as err:  # gradio's "Cannot find empty port" is an OSError too
         print(f"vpdsr demo: cannot listen on {config.host}:{config.port} ({err}); pick another --port", file=sys.stderr)
         return 1
+    print(f"vpdsr demo running at {url} (Ctrl-C stops it)", flush=True)
+    demo.block_thread()
     return 0
 
 

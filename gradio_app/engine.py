@@ -25,7 +25,7 @@ from vpdsr.color import DEFAULT_COLOR_FIX
 from vpdsr.errors import ModelFileError, VPDError
 from vpdsr.imageio import load_image, pil_to_tensor, save_image
 from vpdsr.modelfile import StudentMeta
-from vpdsr.pipeline import resolve_device
+from vpdsr.pipeline import resolve_device, scale_note
 from vpdsr.semantics import InspectionReport, SemanticModel
 
 Progress = Callable[[float, str], None]  # fraction done in [0, 1], what is being done
@@ -37,7 +37,7 @@ _KEEP_RESULTS_S = 3600.0
 
 @dataclass(frozen=True)
 class UpscaleOptions:
-    scale: float = 4.0
+    scale: float | None = None  # None: the model's own
     tile: int | None = None  # None: automatic, 0: no tiling
     color_fix: str = DEFAULT_COLOR_FIX
     prompt: str | None = None
@@ -57,13 +57,14 @@ class UpscaleResult:
     input_size: tuple[int, int]
     output_size: tuple[int, int]
     timing: Timing
+    note: str | None = None  # what the scale costs with this model (vpdsr.pipeline.scale_note)
 
     def summary(self) -> str:
         (w, h), (ow, oh), t = self.input_size, self.output_size, self.timing
         text = f"Input {w}×{h} → output {ow}×{oh} in {t.seconds:.2f} s on {t.device}"
         if t.load_seconds:
             text += f" (plus {t.load_seconds:.1f} s to load the model, once)"
-        return text
+        return f"{text}. Note: {self.note}." if self.note else text
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class DemoModels:
     @property
     def default_scale(self) -> float:
         return float(self.meta.scale) if self.meta else 4.0
+
+    def scale_of(self, options: UpscaleOptions) -> float:
+        """The scale a request runs at, as the pipeline resolves it: its own, or the model's for None."""
+        return self.default_scale if options.scale is None else options.scale
 
     def describe(self) -> str:
         """Markdown about the configured model, for the top of the page."""
@@ -196,11 +201,13 @@ def upscale_file(
     source = Path(source)
     image = open_upload(source, models.config.max_pixels)
     result, timing = upscale_image(models, image, options, progress)
-    output = save_image(result, folder / f"{source.stem}_x{options.scale:g}.png")
+    scale = models.scale_of(options)
+    output = save_image(result, folder / f"{source.stem}_x{scale:g}.png")
     display = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     before = folder / f"{source.stem}_bicubic.png"
     display.resize(result.size, Image.Resampling.BICUBIC).save(before, compress_level=1)
-    return UpscaleResult(before, output, image.size, result.size, timing)
+    note = scale_note(models.meta, scale) if models.meta else None
+    return UpscaleResult(before, output, image.size, result.size, timing, note)
 
 
 def upscale_batch(
@@ -224,7 +231,7 @@ def upscale_batch(
     archive = folder / "vpdsr-results.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
         for index, source in enumerate(map(Path, sources)):
-            name = _unique(f"{source.stem}_x{options.scale:g}.png", names)
+            name = _unique(f"{source.stem}_x{models.scale_of(options):g}.png", names)
 
             def step(fraction: float, what: str, index: int = index, label: str = source.name) -> None:
                 if progress:

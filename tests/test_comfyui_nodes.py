@@ -13,8 +13,10 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import types
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,7 +292,7 @@ def _load(comfy: Comfy, model: str = "tiny.safetensors", dtype: str = "auto", **
 
 
 def _upscale(comfy: Comfy, image: torch.Tensor, pipe: VPDPipeline, **options: Any) -> torch.Tensor:
-    settings = {"scale": 2.0, "tile_size": 0, "tile_overlap": 16, "color_fix": "adain"} | options
+    settings = {"scale": 2.0, "tiling": "auto", "tile_size": 512, "tile_overlap": 16, "color_fix": "adain"} | options
     return comfy.nodes["VPDSR_OneStepSR"].execute(image=image, vpd_model=pipe, **settings).args[0]
 
 
@@ -329,6 +331,22 @@ def test_every_node_has_a_help_page():
     for node_id in NODE_IDS:
         text = (docs / f"{node_id}.md").read_text(encoding="utf-8")
         assert text.startswith("# ") and "## Inputs" in text
+
+
+def test_comfy_registry_metadata_is_complete():
+    """What the Comfy Registry requires is there, and every link is a URL (pip refuses the package
+    otherwise); one not known yet is a placeholder under the reserved ``.invalid`` domain."""
+    tomllib = pytest.importorskip("tomllib")
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,98}", project["name"]) and "comfyui" not in project["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"]) and project["description"] and project["license"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    links = {**project["urls"], "Icon": comfy["Icon"]}
+    assert {"Repository", "Documentation", "Bug Tracker", "Icon"} <= set(links)
+    for name, url in links.items():
+        parts = urllib.parse.urlsplit(url)
+        assert parts.scheme == "https" and parts.hostname, (name, url)
 
 
 def _import_checkout_as(name: str) -> types.ModuleType:
@@ -474,6 +492,19 @@ def test_upscale_keeps_comfyuis_bhwc_layout_and_matches_the_core(comfy):
     torch.testing.assert_close(out, expected.permute(0, 2, 3, 1))
 
 
+def test_scale_0_is_the_models_own_and_memory_counts_the_size_the_network_runs_at(comfy):
+    schema = comfy.nodes["VPDSR_OneStepSR"].define_schema()
+    [scale] = [i for i in schema.inputs if i.id == "scale"]
+    assert scale.options["default"] == 0 and "model's own" in scale.options["tooltip"]
+    pipe = _load(comfy)
+    image = _bhwc(size=16)
+    torch.testing.assert_close(_upscale(comfy, image, pipe, scale=0.0), _upscale(comfy, image, pipe, scale=4.0))
+    comfy.memory.freed.clear()
+    _upscale(comfy, image, pipe, scale=2.0)  # runs at the model's x4, then brought down to x2
+    [(required, _)] = comfy.memory.freed
+    assert required == comfy.module("nodes_upscale").memory_estimate(pipe, image, 4.0, None)
+
+
 def test_upscale_frees_memory_runs_on_the_torch_device_and_offloads_after(comfy):
     pipe = _load(comfy)
     seen = []
@@ -492,11 +523,28 @@ def test_progress_advances_once_per_tile_call(comfy, monkeypatch):
     for stage in ("encode", "denoise", "decode"):
         original = getattr(pipe.student, stage)
         monkeypatch.setattr(pipe.student, stage, lambda *a, _f=original, _s=stage, **k: calls.append(_s) or _f(*a, **k))
-    _upscale(comfy, _bhwc(size=16), pipe, tile_size=16, tile_overlap=0)
+    _upscale(comfy, _bhwc(size=16), pipe, tiling="fixed", tile_size=16, tile_overlap=0)
     [bar] = ProgressBar.made
     assert len(bar.updates) == len(calls) == bar.total
     assert bar.updates == [(i, bar.total) for i in range(1, bar.total + 1)]
     assert calls.count("decode") > 1  # it really was tiled
+
+
+def test_tiling_auto_off_and_fixed_mean_what_they_mean_in_the_core(comfy):
+    nodes_upscale = comfy.module("nodes_upscale")
+    assert [nodes_upscale.core_tile(mode, 256) for mode in ("auto", "off", "fixed")] == [None, 0, 256]
+    pipe = _load(comfy)
+    image = _bhwc(size=16)
+    off = _upscale(comfy, image, pipe, tiling="off", tile_size=16)  # the size is unused when off
+    expected = pipe(image.permute(0, 3, 1, 2), scale=2.0, tile=0, overlap=16, color_fix="adain")
+    torch.testing.assert_close(off, expected.permute(0, 2, 3, 1))
+    big = torch.zeros(1, 1, 1, 3).expand(1, 2048, 2048, 3)  # only its shape is read
+    auto, untiled = (nodes_upscale.memory_estimate(pipe, big, 2.0, tile) for tile in (None, 0))
+    assert untiled > auto  # off asks for the whole image's memory, auto for one megapixel
+    with pytest.raises(VPDError, match="tiling must be one of auto, off, fixed, got 0"):
+        _upscale(comfy, image, pipe, tiling=0)
+    with pytest.raises(VPDError, match="needs a tile_size above 0"):
+        _upscale(comfy, image, pipe, tiling="fixed", tile_size=0)
 
 
 def test_cancel_stops_at_the_next_tile_and_raises_comfyuis_interrupt(comfy):
@@ -507,7 +555,7 @@ def test_cancel_stops_at_the_next_tile_and_raises_comfyuis_interrupt(comfy):
 
     ProgressBar.on_update = press_cancel
     with pytest.raises(InterruptProcessingException):
-        _upscale(comfy, _bhwc(size=16), pipe, tile_size=16, tile_overlap=0)
+        _upscale(comfy, _bhwc(size=16), pipe, tiling="fixed", tile_size=16, tile_overlap=0)
     [bar] = ProgressBar.made
     assert len(bar.updates) == 1 < bar.total
     assert comfy.memory.interrupt is False  # ComfyUI's flag is reset for the next prompt
@@ -613,6 +661,8 @@ def test_example_workflow_matches_the_node_schemas(comfy):
     assert _null_paths(workflow) <= {"link", "links"}
     loader = next(n for n in ours if n["type"] == "VPDSR_LoadModel")
     assert loader["widgets_values"][0] == "embedded default"
+    upscaler = next(n for n in ours if n["type"] == "VPDSR_OneStepSR")
+    assert upscaler["widgets_values"][0] == 0  # scale: the model's own
 
 
 def _null_paths(value: Any, key: str = "") -> set[str]:

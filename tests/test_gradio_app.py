@@ -99,6 +99,15 @@ def _upscale(client: Client, image: Path, scale: float = 4, tile: str = "auto") 
     return client.predict(handle_file(str(image)), scale, tile, "adain", "", api_name="/upscale")
 
 
+def test_start_up_prints_our_address_line_not_gradios_share_hint(client: Client, files: Path) -> None:
+    log = files / "server.log"
+    deadline = time.monotonic() + 30  # the line follows the server's start by a moment
+    while "vpdsr demo running at " not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text()
+    assert f"vpdsr demo running at {client.src}" in text and "share=True" not in text, text
+
+
 def test_upscale_returns_a_lossless_png_four_times_the_input(client: Client, files: Path) -> None:
     (before, after), download, sizes = _upscale(client, files / "wide.png")
     with Image.open(after) as out, Image.open(download) as dl, Image.open(before) as bicubic:
@@ -188,6 +197,15 @@ def test_progress_advances_per_tile(files: Path, tmp_path: Path) -> None:
     engine.upscale_file(models, files / "small.png", engine.UpscaleOptions(scale=2, tile=32), tmp_path, record)
     assert seen[0] == 0.0 and seen[-1] == pytest.approx(1.0)
     assert len(seen) > 4 and seen == sorted(seen)
+
+
+def test_scale_defaults_to_the_models_own_and_a_costly_one_says_so(files: Path, tmp_path: Path) -> None:
+    models = engine.DemoModels(DemoConfig(model=files / "tiny.safetensors", device="cpu"))
+    own = engine.upscale_file(models, files / "small.png", engine.UpscaleOptions(), tmp_path)
+    assert own.output.name == "small_x4.png" and own.output_size == (128, 128) and "Note" not in own.summary()
+    with pytest.warns(UserWarning, match="trained for x4"):  # the server's log says it too, once
+        above = engine.upscale_file(models, files / "small.png", engine.UpscaleOptions(scale=6), tmp_path)
+    assert above.output_size == (192, 192) and "Note: " in above.summary() and "trained for x4" in above.summary()
 
 
 def test_tag_chart_shows_every_tag(files: Path) -> None:

@@ -27,7 +27,15 @@ from ..config import TrainConfig
 from ..config_loading import ConfigError
 from ..ema import EMA
 
-__all__ = ["NonFiniteLoss", "Stage", "ValBatch", "load_base_weights", "prompt_embedding", "resolve_backbone"]
+__all__ = [
+    "NonFiniteLoss",
+    "Stage",
+    "ValBatch",
+    "load_base_weights",
+    "portable_paths",
+    "prompt_embedding",
+    "resolve_backbone",
+]
 
 ValBatch = dict[str, torch.Tensor]
 
@@ -70,6 +78,27 @@ def prompt_embedding(config: BackboneConfig, text_encoder: Any, prompt: str) -> 
         return torch.zeros(config.prompt_embed_shape)
     with torch.no_grad():
         return text_encoder(prompt)[0].float().cpu()
+
+
+_TEXT_OPTIONS = frozenset({"prompt", "negative_prompt"})
+"""Free text that may start with a slash without being a path."""
+
+
+def portable_paths(value: Any, run_dir: Path, key: str = "") -> Any:
+    """``value`` (JSON-like) with every absolute path made relative to the run folder when it lies
+    inside it, else cut to its last part (a data folder's or weight file's name).
+
+    Training info goes into model files that are shared; absolute paths would publish the
+    training machine's user and folder names. Relative paths are kept as given.
+    """
+    if isinstance(value, dict):
+        return {k: portable_paths(v, run_dir, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(v, run_dir, key) for v in value]
+    if not isinstance(value, str) or key in _TEXT_OPTIONS or not Path(value).is_absolute():
+        return value
+    path, run = Path(value).resolve(), run_dir.resolve()
+    return path.relative_to(run).as_posix() if run in path.parents else path.name
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str):
@@ -185,4 +214,7 @@ class Stage:
         raise NotImplementedError
 
     def training_info(self, step: int) -> dict[str, Any]:
-        return {"stage": self.cfg.stage, "steps": step, "config": self.cfg.to_dict()}
+        """What the exported file records about its training, with no absolute path in it (see
+        ``portable_paths``): model files are shared, the training machine's folders are not."""
+        info = {"stage": self.cfg.stage, "steps": step, "config": self.cfg.to_dict()}
+        return portable_paths(info, Path(self.cfg.output_dir))
