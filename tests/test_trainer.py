@@ -25,6 +25,7 @@ from trainer import cli
 from trainer.config import ConfigError, load_config
 from trainer.loop import TrainingInterrupted, TrainingStopped, fill_sr_teacher_cache, train
 from trainer.stages import student as student_module
+from trainer.stages.base import portable_paths
 from trainer.stages.teacher import VAEReconstruction
 from trainer.stages.student import StudentStage
 from trainer.teacher_file import load_teacher
@@ -75,6 +76,15 @@ def common(images: Path, out: Path) -> list[str]:
     ]
 
 
+def _strings(value: object) -> list[str]:
+    """Every string in a JSON-like value (model metadata), to search it for paths."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
 def logged_names(out: Path) -> set[str]:
     return {line.split(",")[1] for line in (out / "log.csv").read_text().splitlines()[1:]}
 
@@ -98,6 +108,7 @@ def test_committed_configs_load():
         "tiny-student": "student",
         "tiny-v2-teacher": "teacher",
         "tiny-v2-student": "student",
+        "tiny-v3-student": "student",
         "sd21-student": "student",
         "dape": "dape",
     }
@@ -106,6 +117,20 @@ def test_committed_configs_load():
     assert load_config(STUDENT).losses.semantic.weight == 0  # no ESS without a real CLIP
     sd = load_config(SD21)
     assert sd.losses.semantic.weight > 0 and sd.student.lora_rank > 0 and sd.clip.path is None
+
+
+def test_the_model_name_is_the_output_folder_unless_set():
+    assert load_config(STUDENT, ["output_dir=runs/my-photos"]).name == "my-photos"
+    assert load_config(STUDENT, ["output_dir=runs/x", "name=mine"]).name == "mine"
+    assert load_config(CONFIGS / "tiny-v2-student.yaml").name == "vpdsr-tiny-default"  # the embedded default
+
+
+def test_training_info_paths_are_relative_to_the_run_or_names(tmp_path):
+    run = tmp_path / "run"
+    info = {"dirs": [str(tmp_path / "photos"), "rel/photos"], "cache": str(run / "cache" / "x"),
+            "out": str(run), "prompt": "/imagine a photo"}  # fmt: skip
+    assert portable_paths(info, run) == {"dirs": ["photos", "rel/photos"], "cache": "cache/x", "out": "run",
+                                         "prompt": "/imagine a photo"}  # fmt: skip
 
 
 def test_overrides_are_typed_by_the_dataclass_fields():
@@ -218,6 +243,12 @@ def test_student_stage_with_every_offline_loss_exports_a_loadable_model(teacher_
     assert (
         pipe.info["training"]["stage"] == "student" and pipe.info["training"]["config"]["losses"]["vsd"]["weight"] > 0
     )
+    # named after the output folder, and no absolute path of this machine (every path given was one)
+    assert path.name == "student.safetensors" and pipe.info["name"] == "student"
+    absolute = [s for s in _strings(pipe.info) if Path(s).is_absolute() or str(tmp_path) in s]
+    assert not absolute, absolute
+    assert pipe.info["training"]["config"]["data"]["hr_dirs"] == [images.name]
+    assert pipe.info["training"]["teacher"] == teacher_file.name
     # tiny-student.yaml trains the whole VAE: encoder and decoder both moved away from the teacher's
     teacher_vae = load_teacher(teacher_file)[0].vae.state_dict()
     student_vae = pipe.student.vae.state_dict()

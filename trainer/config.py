@@ -169,7 +169,12 @@ class StudentConfig:
     """Teacher file written by the teacher stage (tiny: the student's initial VAE and UNet)."""
     base: str | None = None
     """Base weights for SD backbones (diffusers folder or single .safetensors)."""
-    init_from: Literal["teacher", "base"] = "teacher"
+    init_from: Literal["teacher", "base", "student"] = "teacher"
+    """Where the initial weights come from: the teacher file, the base weights, or
+    ``init_student``, a student model file to train further."""
+    init_student: str | None = None
+    """A student model file of ours (e.g. the embedded default) for ``init_from: student``. Its
+    backbone must be the config's, or the config's plus a refiner, which then starts at zero."""
     prior: Literal["teacher", "base"] = "teacher"
     """The frozen diffusion model scoring the student for VSD, DiffLoss and feature GAN heads:
     the LR-conditioned teacher or the text-conditioned base UNet."""
@@ -360,8 +365,9 @@ class LossesConfig:
 @dataclass
 class TrainConfig:
     stage: Literal["teacher", "student", "dape"]
-    name: str = "vpdsr-model"
-    """File name (without suffix) of the exported model."""
+    name: str | None = None
+    """The exported model's name and file name (without suffix); unset, the output folder's name,
+    so that a model trained on your photos is not named like another (the embedded default)."""
     output_dir: str = "runs/vpdsr"
     seed: int = 0
     scale: int = 4
@@ -381,6 +387,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.scale <= 8:
             raise ValueError(f"scale must be in 1..8, got {self.scale}")
+        if not self.name:
+            self.name = Path(self.output_dir).resolve().name or "vpdsr-model"
 
     def to_dict(self) -> dict:
         return to_dict(self)

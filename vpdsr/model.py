@@ -93,6 +93,16 @@ class OneStepStudent(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z / self.config.scaling_factor).sample
 
+    @property
+    def refiner(self) -> nn.Module | None:
+        """The backbone's pixel refiner (``vpdsr.refiner``), if it has one."""
+        return getattr(self.vae, "refiner", None)
+
+    def refine(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The decoded image ``y`` corrected with the input ``x``; ``y`` itself without a refiner."""
+        refiner = self.refiner
+        return y if refiner is None else refiner(y, x)
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Untiled pass on an already upscaled image in [-1, 1] whose sides divide by ``vae_factor``."""
-        return self.decode(self.denoise(self.encode(x), cond))
+        return self.refine(self.decode(self.denoise(self.encode(x), cond)), x)

@@ -32,8 +32,10 @@ from vpdsr.lora import (
     default_lora_targets,
     merge_lora,
 )
+from vpdsr.backbones import BackboneConfig, build_backbone
+from vpdsr.errors import ModelFileError
 from vpdsr.model import OneStepStudent
-from vpdsr.modelfile import save_student
+from vpdsr.modelfile import load_student, save_student
 
 from ..config import TrainConfig
 from ..config_loading import ConfigError
@@ -54,7 +56,7 @@ from ..losses import (
 from ..teacher_file import load_teacher
 from .base import Stage, ValBatch, load_base_weights, prompt_embedding, resolve_backbone
 
-__all__ = ["StudentStage", "init_from_teacher"]
+__all__ = ["StudentStage", "init_from_student", "init_from_teacher"]
 
 
 def init_from_teacher(teacher: LatentDiffusion) -> tuple[nn.Module, UNet2DConditionModel]:
@@ -80,6 +82,33 @@ def init_from_teacher(teacher: LatentDiffusion) -> tuple[nn.Module, UNet2DCondit
     return vae, unet
 
 
+def init_from_student(path: str | None, config: BackboneConfig) -> tuple[nn.Module, UNet2DConditionModel, torch.Tensor]:
+    """The VAE, UNet and conditioning of a student file, in parts built for ``config``.
+
+    The file's backbone may lack only the config's refiner (``vpdsr.refiner``), which then keeps
+    its zero start, so training begins from the file's exact output.
+    """
+    if not path:
+        raise ConfigError("student.init_from is 'student' but no student.init_student file is given")
+    try:
+        source = load_student(path)
+    except ModelFileError as err:
+        raise ConfigError(f"student.init_student: {err}") from None
+    theirs = {k: v for k, v in source.config.to_dict().items() if k not in ("name", "description", "refiner")}
+    ours = {k: v for k, v in config.to_dict().items() if k not in ("name", "description", "refiner")}
+    if theirs != ours:
+        raise ConfigError(
+            f"student.init_student {path} has the {source.config.name} backbone, which differs from "
+            f"{config.name} in more than a refiner"
+        )
+    parts = build_backbone(config)
+    missing, unexpected = parts.vae.load_state_dict(source.vae.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("refiner.") for k in missing):
+        raise ConfigError(f"student.init_student {path}: its VAE weights do not fit {config.name}")
+    parts.unet.load_state_dict(source.unet.state_dict())
+    return parts.vae, parts.unet, source.prompt_embeds.detach().clone()
+
+
 class StudentStage(Stage):
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
         super().__init__(cfg, accelerator)
@@ -102,6 +131,8 @@ class StudentStage(Stage):
                 raise ConfigError("student.init_from is 'teacher' but no student.teacher file is given")
             vae, unet = init_from_teacher(teacher)
             prompt_embeds = teacher.cond.cpu()
+        elif sc.init_from == "student":
+            vae, unet, prompt_embeds = init_from_student(sc.init_student, config)
         else:
             vae, unet = copy.deepcopy(base.vae), copy.deepcopy(base.unet)
             prompt_embeds = prompt_embedding(config, base.text_encoder, sc.prompt)
@@ -173,6 +204,8 @@ class StudentStage(Stage):
                 vae.encoder.requires_grad_(True)
             if sc.train_vae_decoder:
                 vae.decoder.requires_grad_(True)
+        if self.student.refiner is not None:
+            self.student.refiner.requires_grad_(True)
         return specs
 
     def _build_losses(self, prior: LatentDiffusion | None, teacher: LatentDiffusion | None) -> None:
@@ -273,7 +306,7 @@ class StudentStage(Stage):
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             z_lr = self.student.encode(x)
         z_sr = self.student.denoise(z_lr)
-        return self.student.decode(z_sr), z_sr
+        return self.student.refine(self.student.decode(z_sr), x), z_sr
 
     def train_step(self, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator) -> dict[str, float]:
         lc = self.cfg.losses
@@ -384,5 +417,5 @@ class StudentStage(Stage):
 
     def training_info(self, step: int) -> dict[str, Any]:
         info = super().training_info(step)
-        info["teacher"] = self.cfg.student.teacher
+        info["teacher"] = info["config"]["student"]["teacher"]  # made portable by the base class
         return info

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from ..errors import ModelFileError
+from ..refiner import build_refiner
 
 __all__ = [
     "Backbone",
@@ -149,6 +150,11 @@ def build_backbone(
     with torch.device(device or "cpu"):
         vae = AutoencoderKL(**config.vae)
         unet = UNet2DConditionModel(**config.unet)
+        refiner = build_refiner(config.extra.get("refiner"))
+    if refiner is not None:
+        # held by the VAE, whose decoder it completes, so model files, EMA and the trainer's
+        # decoder switches treat it as decoder weights (``vae.refiner.*``) with no new part
+        vae.refiner = refiner
     upsample = config.extra.get("vae_upsample", "nearest")
     if upsample == "bilinear":
         _use_smooth_upsampling(vae)
