@@ -259,8 +259,9 @@ class VPDPipeline:
         y = tiled_apply(s.decode, x0, tile=lt, overlap=lo, ratio=Fraction(f), align=la,
                         norm_modules=[s.vae.decoder], **run)  # fmt: skip
         if s.refiner is not None:
-            y = tiled_apply(lambda t: s.refine(t[:, :3], t[:, 3:]), torch.cat([y.to(x_pad.dtype), x_pad], dim=1),
-                            tile=tile_px, overlap=overlap_px, ratio=Fraction(1), align=m, norm_modules=[], **run)  # fmt: skip
+            pair = torch.cat([y.to(x_pad.dtype), x_pad], dim=1)
+            y = tiled_apply(lambda t: s.refine(t[:, :3], t[:, 3:]), pair, tile=tile_px, overlap=overlap_px,
+                            ratio=Fraction(1), align=m, norm_modules=[], **run)  # fmt: skip
         y = ((y.float()[:, :, :out_h, :out_w] + 1) / 2).clamp(0, 1).cpu()
         return apply_color_fix(y, x, color_fix).clamp(0, 1)
 
