@@ -519,15 +519,16 @@ def test_upscale_frees_memory_runs_on_the_torch_device_and_offloads_after(comfy)
 
 def test_progress_advances_once_per_tile_call(comfy, monkeypatch):
     pipe = _load(comfy)
-    calls = []
-    for stage in ("encode", "denoise", "decode"):
-        original = getattr(pipe.student, stage)
-        monkeypatch.setattr(pipe.student, stage, lambda *a, _f=original, _s=stage, **k: calls.append(_s) or _f(*a, **k))
-    _upscale(comfy, _bhwc(size=16), pipe, tiling="fixed", tile_size=16, tile_overlap=0)
+    convs = []
+    hook = pipe.student.vae.decoder.conv_out.register_forward_pre_hook(lambda *_: convs.append(1))
+    try:
+        _upscale(comfy, _bhwc(size=16), pipe, tiling="fixed", tile_size=16, tile_overlap=0)
+    finally:
+        hook.remove()
     [bar] = ProgressBar.made
-    assert len(bar.updates) == len(calls) == bar.total
+    assert len(bar.updates) == bar.total > 3
     assert bar.updates == [(i, bar.total) for i in range(1, bar.total + 1)]
-    assert calls.count("decode") > 1  # it really was tiled
+    assert len(convs) > 1  # it really was tiled: the decoder's last conv ran once per tile
 
 
 def test_tiling_auto_off_and_fixed_mean_what_they_mean_in_the_core(comfy):

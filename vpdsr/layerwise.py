@@ -1,8 +1,8 @@
 """Layer-by-layer tiled execution: exact at any image size, accelerator memory bounded by the tile.
 
-Why: ``vpdsr.tiling`` runs a whole stage per tile, so each GroupNorm inside sees only its tile, and
-the whole-image statistics it substitutes come from a shrunk copy of the image: exact up to about
-four tiles, an estimate past that. Here the image goes through the network one layer at a time.
+Why: running a whole stage per tile (vpdsr's tiling before this module) lets each GroupNorm see
+only its tile, and the whole-image statistics put in their place came from a shrunk copy of the
+image: exact up to about four tiles, an estimate past that. Here the image goes through the network one layer at a time.
 The whole-image activation of each layer waits on ``host`` (CPU RAM); the compute ``device`` sees
 one tile of it at a time, plus the halo that layer reads, and writes back the cropped result:
 

@@ -81,14 +81,21 @@ class OneStepStudent(nn.Module):
 
     def denoise(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """One UNet call at the fixed timestep, turned into the clean-latent estimate."""
+        t, cond = self.unet_inputs(z, cond)
+        return self.x0(z, self.unet(z, t, encoder_hidden_states=cond).sample)
+
+    def unet_inputs(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timestep and conditioning batch of the one UNet call, for ``z``'s batch and dtype."""
         if cond is None:
             cond = self.prompt_embeds
         if cond.dim() == 2:
             cond = cond.unsqueeze(0)
         cond = cond.to(device=z.device, dtype=z.dtype).expand(z.shape[0], -1, -1)
-        t = torch.full((z.shape[0],), self.timestep, device=z.device, dtype=torch.long)
-        pred = self.unet(z, t, encoder_hidden_states=cond).sample
-        return predicted_x0(z, pred, self.abar_t, self.config.prediction_type).to(z.dtype)
+        return torch.full((z.shape[0],), self.timestep, device=z.device, dtype=torch.long), cond
+
+    def x0(self, z: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """The clean-latent estimate from the UNet's prediction at the fixed timestep."""
+        return predicted_x0(z, prediction, self.abar_t, self.config.prediction_type).to(z.dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z / self.config.scaling_factor).sample

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import warnings
 from collections.abc import Callable
-from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from .errors import ModelFileError, OutOfMemory, VPDError
 from .imageio import join_image, split_image
 from .model import OneStepStudent
 from .modelfile import StudentMeta, load_student, read_meta
-from .tiling import ceil_to, count_calls, tiled_apply
+from . import layerwise
 
 __all__ = ["VPDPipeline", "default_model_path", "load_pipeline", "resolve_device", "resolve_dtype", "scale_note"]
 
@@ -58,6 +57,10 @@ def scale_note(meta: StudentMeta, scale: float) -> str | None:
             f"{name}'s result is made to agree with the input"
         )
     return None
+
+
+def ceil_to(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def default_model_path() -> Path | None:
@@ -176,6 +179,8 @@ class VPDPipeline:
         ``scale`` defaults to the model's own. A smaller one is the native result brought down to size
         (``_project_down``); a larger one, or x1, warns once (see ``scale_note``). ``tile`` is in
         pixels of the network's output, which is larger than the result below the model's own scale.
+        ``overlap`` is accepted and ignored: tiles run layer by layer with exact halos
+        (``vpdsr.layerwise``), so neighbouring tiles need no shared pixels to blend.
         """
         if image.dim() == 3:
             image = image.unsqueeze(0)
@@ -199,7 +204,7 @@ class VPDPipeline:
             tile = 0 if run_h * run_w <= 1024 * 1024 else (1024 if self.device.type == "cuda" else 512)
         while True:
             try:
-                y = self._upscale(image, run_h, run_w, cond, tile, overlap, color_fix, mask, progress, should_stop)
+                y = self._upscale(image, run_h, run_w, cond, tile, color_fix, mask, progress, should_stop)
                 return _project_down(y, image, out_h, out_w)
             except _OOM_ERRORS:
                 gc.collect()
@@ -220,7 +225,7 @@ class VPDPipeline:
             self.scale_noted = True
             warnings.warn(note, UserWarning, stacklevel=4)  # the caller's line, past torch.no_grad's
 
-    def _upscale(self, image, out_h, out_w, cond, tile, overlap, color_fix, mask, progress, should_stop):  # noqa: ANN001
+    def _upscale(self, image, out_h, out_w, cond, tile, color_fix, mask, progress, should_stop):  # noqa: ANN001
         s, m = self.student, self.multiple
         f = s.vae_factor
         x = F.interpolate(image.float(), size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
@@ -228,19 +233,15 @@ class VPDPipeline:
         mode = "reflect" if pad_h < out_h and pad_w < out_w else "replicate"
         x_pad = F.pad(x * 2 - 1, (0, pad_w, 0, pad_h), mode=mode).to(self.device, self.dtype)
         h, w = x_pad.shape[2:]
-        if tile and tile < max(h, w):
-            tile_px = max(m, min(ceil_to(tile, m), ceil_to(max(h, w), m)))
-            overlap_px = min(ceil_to(overlap, m), tile_px - m)
-        else:
-            tile_px, overlap_px = ceil_to(max(h, w), m), 0
-        lt, lo, la = tile_px // f, overlap_px // f, m // f
-        # The UNet works at latent size, where memory is cheap, and its tile borders cost the
-        # most accuracy (its deepest layers see the whole tile), so it gets tiles twice as wide.
-        ut, uo = min(2 * lt, ceil_to(max(h, w) // f, la)), min(2 * lo, 2 * lt - la)
-        total = count_calls(h, w, tile_px, overlap_px, m) + count_calls(h // f, w // f, ut, uo, la)
-        total += count_calls(h // f, w // f, lt, lo, la)
+        # Every stage runs layer by layer over tiles with whole-image GroupNorm statistics
+        # (vpdsr.layerwise), so tiled output equals untiled output; one tile is the untiled call.
+        tile_px = tile if tile and tile < max(h, w) else 0
+        lt = -(-tile_px // f) if tile_px else 0
+        sizes = {"encode": (s.vae, h, w, tile_px), "unet": (s.unet, h // f, w // f, lt),
+                 "decode": (s.vae, h // f, w // f, lt)}  # fmt: skip
         if s.refiner is not None:
-            total += count_calls(h, w, tile_px, overlap_px, m)
+            sizes["refine"] = (s.refiner, h, w, tile_px)
+        total = sum(layerwise.count_steps(stage, *args) for stage, args in sizes.items())
         done = 0
 
         def step() -> None:
@@ -249,19 +250,15 @@ class VPDPipeline:
             if progress:
                 progress(done, total)
 
-        run: dict[str, Any] = dict(step=step, should_stop=should_stop)
-        z = tiled_apply(s.encode, x_pad, tile=tile_px, overlap=overlap_px, ratio=Fraction(1, f), align=m,
-                        norm_modules=[s.vae.encoder], **run)  # fmt: skip
-        x0 = tiled_apply(lambda t: s.denoise(t, cond), z, tile=ut, overlap=uo, ratio=Fraction(1), align=la,
-                         norm_modules=[s.unet], **run)  # fmt: skip
+        run: dict[str, Any] = dict(device=self.device, step=step, should_stop=should_stop)
+        z = layerwise.encode_mean(s.vae, x_pad, tile=tile_px, **run).to(self.device) * s.config.scaling_factor
+        t, cond_batch = s.unet_inputs(z, cond)
+        x0 = s.x0(z, layerwise.unet_forward(s.unet, z, t, cond_batch, tile=lt, **run).to(self.device))
         if mask is not None:
             x0 = self._blend_mask(x0, z, mask, out_h // f, out_w // f)
-        y = tiled_apply(s.decode, x0, tile=lt, overlap=lo, ratio=Fraction(f), align=la,
-                        norm_modules=[s.vae.decoder], **run)  # fmt: skip
+        y = layerwise.decode(s.vae, x0 / s.config.scaling_factor, tile=lt, **run)
         if s.refiner is not None:
-            pair = torch.cat([y.to(x_pad.dtype), x_pad], dim=1)
-            y = tiled_apply(lambda t: s.refine(t[:, :3], t[:, 3:]), pair, tile=tile_px, overlap=overlap_px,
-                            ratio=Fraction(1), align=m, norm_modules=[], **run)  # fmt: skip
+            y = layerwise.refine(s.refiner, y.to(self.device), x_pad, tile=tile_px, **run)
         y = ((y.float()[:, :, :out_h, :out_w] + 1) / 2).clamp(0, 1).cpu()
         return apply_color_fix(y, x, color_fix).clamp(0, 1)
 
