@@ -6,8 +6,8 @@ through its latent ends near that, below plain bicubic (0.616). The refiner sees
 bicubic-upscaled input at full resolution beside the decoder's output, so the detail the
 latent drops can come straight from the input while the decoder adds what the input lacks.
 
-It has no normalisation layers and a receptive field of a few pixels, so tiles with an
-overlap of that many pixels give the untiled result. Its last layer starts at zero: a refiner
+It has no normalisation layers, so tiled runs (``vpdsr.layerwise``) need only each conv's
+halo. Its last layer starts at zero: a refiner
 added to a trained student leaves that student's output unchanged until it is trained.
 """
 
@@ -37,12 +37,6 @@ class PixelRefiner(nn.Module):
         self.net = nn.Sequential(*convs)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
-        self.layers = layers
-
-    @property
-    def reach(self) -> int:
-        """Pixels on each side that affect an output pixel: the overlap tiles need to be exact."""
-        return self.layers
 
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return y + self.net(torch.cat([y, x.to(y.dtype)], dim=1))
