@@ -10,6 +10,7 @@ run takes every ``world``-th batch, so together they see each batch once.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -82,10 +83,19 @@ def data_step(step: int, period: int) -> int:
     return step % period if period else step
 
 
+def _leave_signals_to_the_loop(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM, which a terminal or a scheduler (SLURM) sends to every
+    process of the job: the loop finishes the step, checkpoints and shuts the loader down, whereas a
+    worker killed by SIGTERM would make torch raise in the main process in the middle of that step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_step_loader(
     cfg: DataConfig, scale: int, seed: int, start_step: int, rank: int = 0, world: int = 1
 ) -> DataLoader:
     """An endless loader of training batches from step ``start_step`` on (see module docstring)."""
     dataset = build_train_dataset(cfg, scale)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, start_step, rank, world, cfg.fixed_batches)
-    return DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=cfg.num_workers)
+    return DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=cfg.num_workers,
+                      worker_init_fn=_leave_signals_to_the_loop)  # fmt: skip

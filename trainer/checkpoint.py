@@ -8,31 +8,61 @@ Layout of ``<output_dir>/checkpoints/step-00001234/``::
     rng.safetensors       torch CPU (and CUDA) generator states
     state.json            step, counters, python/numpy RNG states, the config of the run
 
-A checkpoint is written into ``step-XXXXXXXX.partial`` and renamed when complete, so a crash
-while saving never leaves something that looks like a checkpoint but is not. Data order needs
-no state: it is a function of the step (see ``batches``).
+A checkpoint is written into ``step-XXXXXXXX.partial``, flushed to disk (fsync) and renamed when
+complete, so a crash while saving never leaves something that looks like a checkpoint but is not.
+``state.json``, written last, records every file's size. A folder damaged anyway (a full disk, a
+copy cut short, a file emptied since) is found when it is read back, before anything is applied,
+and ``load_latest`` then resumes from the newest checkpoint that is whole. Data order needs no
+state: it is a function of the step (see ``batches``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config_loading import ConfigError
 
-__all__ = ["CheckpointState", "find_latest", "load_checkpoint", "prune_checkpoints", "save_checkpoint", "trained_keys"]
+__all__ = [
+    "CheckpointState",
+    "CorruptCheckpoint",
+    "load_checkpoint",
+    "load_latest",
+    "prune_checkpoints",
+    "save_checkpoint",
+    "trained_keys",
+]
 
 PREFIX = "step-"
 PARTIAL = ".partial"
+T = TypeVar("T")
+# What reading a damaged file raises: truncated safetensors, an empty or cut zip/pickle (optim.pt), bad JSON.
+_UNREADABLE = (
+    OSError, SafetensorError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, KeyError, TypeError
+)  # fmt: skip
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint folder that cannot be read back whole: a file missing, truncated or unparsable."""
+
+    def __init__(self, folder: Path, problem: str) -> None:
+        super().__init__(f"{folder.name}: {problem}")
+        self.folder, self.problem = folder, problem
 
 
 class CheckpointState:
@@ -99,21 +129,94 @@ def save_checkpoint(root: Path, step: int, state: CheckpointState, extra: dict[s
     torch.save({name: obj.state_dict() for name, obj in state.stateful.items()}, tmp / "optim.pt")
     rng_tensors, rng_plain = _rng_state()
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "rng": rng_plain, **extra}), encoding="utf-8")
-    if final.exists():  # the same step saved again after a resume: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    info = {"step": step, "rng": rng_plain, "files": sizes, **extra}
+    (tmp / "state.json").write_text(json.dumps(info), encoding="utf-8")
+    _publish(tmp, final)
     return final
 
 
-def load_checkpoint(path: Path, state: CheckpointState, device: torch.device) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` wrote; returns the contents of ``state.json``."""
-    if path.name.endswith(PARTIAL) or not (path / "state.json").is_file():
-        raise ConfigError(f"{path} is not a complete checkpoint folder")
-    weights = load_file(str(path / "weights.safetensors"))
+def _fsync(path: Path) -> None:
+    folder = path.is_dir()
+    if folder and not hasattr(os, "O_DIRECTORY"):
+        return  # Windows cannot open a folder; NTFS journals the rename itself
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not folder or err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise  # some network and FUSE filesystems cannot sync a folder; its files are synced
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the written folder to its final name, its data on disk first.
+
+    Without the fsyncs, a power cut or a killed VM soon after the rename can leave a folder that
+    looks complete but holds empty or truncated files: filesystems (ext4, xfs) may commit the
+    rename before the delayed data. The parent folder is synced so the rename itself persists.
+    """
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+    if final.exists():  # the same step saved again after a resume: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+
+
+@dataclass
+class _Saved:
+    """A checkpoint read into memory, so that it is known to be whole before any of it is applied."""
+
+    info: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    stateful: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+
+def _read(folder: Path, name: str, reader: Callable[[Path], T]) -> T:
+    """``reader(folder / name)``, where a missing or unreadable file is a CorruptCheckpoint naming it."""
+    path = folder / name
+    if not path.is_file():
+        raise CorruptCheckpoint(folder, f"{name} is missing")
+    try:
+        return reader(path)
+    except _UNREADABLE as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise CorruptCheckpoint(folder, f"{name} is unreadable ({detail})") from None
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(info, dict) or not isinstance(info.get("step"), int) or {"python", "numpy"} - set(info["rng"]):
+        raise ValueError("not the state of a checkpoint")
+    return info
+
+
+def _read_checkpoint(folder: Path, device: torch.device) -> _Saved:
+    """Every file of ``folder``; sizes are checked first, so that a file cut short is named as
+    such rather than by a parser's error."""
+    info = _read(folder, "state.json", _read_info)
+    for name, size in info.get("files", {}).items():  # checkpoints written before #13 have no sizes
+        actual = _read(folder, name, lambda p: p.stat().st_size)
+        if actual != size:
+            raise CorruptCheckpoint(folder, f"{name} is {actual} bytes, {size} were written")
+    return _Saved(
+        info,
+        _read(folder, "weights.safetensors", load_file),
+        _read(folder, "ema.safetensors", load_file) if (folder / "ema.safetensors").exists() else None,
+        _read(folder, "optim.pt", lambda p: torch.load(p, map_location=device, weights_only=True)),
+        _read(folder, "rng.safetensors", load_file),
+    )
+
+
+def _apply(saved: _Saved, state: CheckpointState, path: Path, device: torch.device) -> None:
     for name, module in state.modules.items():
         prefix = name + "/"
-        own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in saved.weights.items() if k.startswith(prefix)}
         if sorted(own) != state.keys[name]:
             missing = sorted(set(state.keys[name]) - set(own))
             extra = sorted(set(own) - set(state.keys[name]))
@@ -123,33 +226,62 @@ def load_checkpoint(path: Path, state: CheckpointState, device: torch.device) ->
             )
         module.load_state_dict(own, strict=False)
     if state.ema is not None:
-        ema_file = path / "ema.safetensors"
-        if not ema_file.is_file():
+        if saved.ema is None:
             raise ConfigError(f"{path} has no EMA weights but this run uses EMA (optim.ema_decay > 0)")
-        state.ema.load_state_dict({k: v.to(device) for k, v in load_file(str(ema_file)).items()})
-    saved = torch.load(path / "optim.pt", map_location=device, weights_only=True)
+        state.ema.load_state_dict({k: v.to(device) for k, v in saved.ema.items()})
     for name, obj in state.stateful.items():
-        if name not in saved:
+        if name not in saved.stateful:
             raise ConfigError(f"{path} has no state for {name!r}; was it written with another config?")
-        obj.load_state_dict(saved[name])
-    info = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    _set_rng_state(load_file(str(path / "rng.safetensors")), info["rng"])
-    return info
+        obj.load_state_dict(saved.stateful[name])
+    _set_rng_state(saved.rng, saved.info["rng"])
 
 
-def find_latest(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root``, if any."""
+def load_checkpoint(path: Path, state: CheckpointState, device: torch.device) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` wrote; returns the contents of ``state.json``.
+
+    Every file is read before anything is applied: a damaged checkpoint raises CorruptCheckpoint
+    and leaves the run as it was.
+    """
+    if path.name.endswith(PARTIAL) or not path.is_dir():
+        raise ConfigError(f"{path} is not a complete checkpoint folder")
+    saved = _read_checkpoint(path, device)
+    _apply(saved, state, path, device)
+    return saved.info
+
+
+def load_latest(root: Path, state: CheckpointState, device: torch.device) -> tuple[Path, dict[str, Any]]:
+    """Restore the newest checkpoint under ``root`` that reads back whole; returns it and its state.
+
+    Newer ones that do not (a full disk, a power cut before fsync reached the disk, damage since)
+    are skipped with one warning that names each and why, rather than ending the run: resuming a
+    few hundred steps earlier beats not resuming. Only an unreadable checkpoint is skipped; one
+    that does not fit the config still stops the resume (ConfigError).
+    """
+    skipped = []
+    for folder in reversed(_checkpoints(root)):
+        try:
+            saved = _read_checkpoint(folder, device)
+        except CorruptCheckpoint as err:
+            skipped.append(str(err))
+            continue
+        if skipped:
+            warnings.warn(f"skipped unreadable checkpoint {'; '.join(skipped)}; resuming from {folder.name}",
+                          stacklevel=2)  # fmt: skip
+        _apply(saved, state, folder, device)
+        return folder, saved.info
+    unreadable = f" (unreadable: {'; '.join(skipped)})" if skipped else ""
+    raise ConfigError(f"no complete checkpoint to resume from under {root}{unreadable}")
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """The published checkpoint folders under ``root``, oldest first (``.partial`` ones are unfinished)."""
     if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(PARTIAL)]
-    done = [p for p in done if (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(p.name[len(PREFIX) :]), default=None)
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    done = sorted(
-        (p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(PARTIAL)),
-        key=lambda p: int(p.name[len(PREFIX) :]),
-    )
-    for old in done[:-keep]:
+    """Delete all but the ``keep`` newest checkpoints."""
+    for old in _checkpoints(root)[:-keep]:
         shutil.rmtree(old)

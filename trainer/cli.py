@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -89,6 +91,16 @@ def _export_realesrgan(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns the exit status. An interrupt ends in one line on stderr, never a
+    traceback: a second Ctrl-C or SIGTERM during training (TrainingAborted), or a Ctrl-C outside it."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as err:
+        print(str(err) or "interrupted", file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export-realesrgan"]:  # takes no --config, so it has its own parser
         return _export_realesrgan(argv[1:])
@@ -102,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "degrade-preview":
             return _degrade_preview(args, overrides)
+        from tqdm import tqdm
+
         from .loop import TrainingInterrupted, TrainingStopped, fill_sr_teacher_cache, train
 
         cfg = load_config(args.config, overrides)
@@ -110,10 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{made} teacher outputs computed into {cfg.student.sr_teacher_cache}")
             return 0
         try:
-            path = train(cfg, resume=args.resume, progress=not args.no_progress)
+            with warnings.catch_warnings():  # the trainer's notes (a skipped checkpoint or step): one line each
+                warnings.showwarning = lambda message, *_: tqdm.write(f"warning: {message}", file=sys.stderr)
+                path = train(cfg, resume=args.resume, progress=not args.no_progress)
         except TrainingInterrupted as err:
             print(f"{err}; continue with: --resume latest", file=sys.stderr)
-            return 130
+            return 128 + err.signum
         except TrainingStopped as err:
             print(f"training stopped: {err}", file=sys.stderr)
             return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm import tqdm
 
 from .batches import build_step_loader, data_step, derive_seed
-from .checkpoint import CheckpointState, find_latest, load_checkpoint, prune_checkpoints, save_checkpoint, trained_keys
+from .checkpoint import CheckpointState, load_checkpoint, load_latest, prune_checkpoints, save_checkpoint, trained_keys
 from .config import TrainConfig
 from .config_loading import ConfigError
 from .data import build_val_loader
@@ -33,7 +34,7 @@ from .logbook import Logbook
 from .losses import load_sr_teacher
 from .stages import NonFiniteLoss, Stage, build_stage
 
-__all__ = ["TrainingInterrupted", "TrainingStopped", "fill_sr_teacher_cache", "step_inputs", "train"]
+__all__ = ["TrainingAborted", "TrainingInterrupted", "TrainingStopped", "fill_sr_teacher_cache", "step_inputs", "train"]
 
 # Purposes mixed into derive_seed, so the streams of one step never coincide.
 _DEGRADE, _STEP, _VALIDATION = 0, 3, 4
@@ -44,34 +45,61 @@ class TrainingStopped(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Stopped on request (Ctrl-C) after a checkpoint was written; resume with ``--resume``."""
+    """Stopped on request (Ctrl-C, SIGTERM) after a checkpoint was written; resume with ``--resume``."""
 
-    def __init__(self, step: int, checkpoint: Path | None) -> None:
-        super().__init__(f"stopped after step {step}; checkpoint: {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGINT) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}")
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second stop request while the first was being honoured: out at once, without a checkpoint
+    of the current step (the last one written stays, and a half-written one is never taken for one).
+
+    A KeyboardInterrupt, so that a host process's ``except Exception`` lets it through as it would
+    a plain Ctrl-C.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"aborted by a second {signal.Signals(signum).name}; the last checkpoint written is kept")
+        self.signum = signum
+
+
+# SIGTERM is what schedulers (SLURM, Kubernetes) and `docker stop` send before they kill.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the step, checkpoint, stop. Second Ctrl-C: abort at once."""
+    """First Ctrl-C or SIGTERM: finish the step, checkpoint, stop. A second one: abort at once.
+
+    The handlers are installed for the whole run and the previous ones put back afterwards, so a
+    process that calls ``train`` keeps its own handling of these signals.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in _STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():  # None: set outside Python, the default is closest
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("stopping after this step (a checkpoint will be written); press Ctrl-C again to abort now")
+        if self.signum is not None:
+            raise TrainingAborted(signum)
+        self.signum = signum
+        name = signal.Signals(signum).name
+        again = "press Ctrl-C again to abort now" if signum == signal.SIGINT else f"a second {name} aborts now"
+        tqdm.write(f"{name}: stopping after this step (a checkpoint will be written); {again}", file=sys.stderr)
 
 
 def _degrade(hr: torch.Tensor, cfg: TrainConfig, seed: int) -> torch.Tensor:
@@ -137,11 +165,11 @@ def _validation_batches(cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
 def _resume(
     stage: Stage, state: CheckpointState, cfg: TrainConfig, resume: str, device: torch.device
 ) -> tuple[int, int]:
-    root = Path(cfg.output_dir) / "checkpoints"
-    path = find_latest(root) if resume == "latest" else Path(resume)
-    if path is None:
-        raise ConfigError(f"--resume latest: no complete checkpoint under {root}")
-    info = load_checkpoint(path, state, device)
+    if resume == "latest":
+        path, info = load_latest(Path(cfg.output_dir) / "checkpoints", state, device)
+    else:
+        path = Path(resume)
+        info = load_checkpoint(path, state, device)
     saved_stage = info.get("config", {}).get("stage")
     if saved_stage != cfg.stage:
         raise ConfigError(f"{path} is a checkpoint of a {saved_stage!r} run, this config trains {cfg.stage!r}")
@@ -155,7 +183,16 @@ def _postfix(logs: dict[str, float]) -> str:
 
 
 def train(cfg: TrainConfig, resume: str | None = None, *, progress: bool = True) -> Path:
-    """Run a stage from ``cfg`` (optionally resuming) and return the path of the exported model."""
+    """Run a stage from ``cfg`` (optionally resuming) and return the path of the exported model.
+
+    A Ctrl-C or SIGTERM anywhere in the run ends it after the current step with a checkpoint
+    (TrainingInterrupted); a second one aborts at once (TrainingAborted).
+    """
+    with _StopFlag() as stop:
+        return _train(cfg, resume, progress, stop)
+
+
+def _train(cfg: TrainConfig, resume: str | None, progress: bool, stop: _StopFlag) -> Path:
     out = Path(cfg.output_dir)
     if cfg.optim.threads:
         torch.set_num_threads(cfg.optim.threads)
@@ -207,39 +244,38 @@ def train(cfg: TrainConfig, resume: str | None = None, *, progress: bool = True)
 
     bar = tqdm(total=steps, initial=start, disable=not (main and progress), dynamic_ncols=True, unit="step")
     step = start
-    with _StopFlag() as stop:
-        while step < steps:
-            _, hr, lr = next(inputs)
-            generator = torch.Generator(acc.device).manual_seed(derive_seed(cfg.seed, step, rank, _STEP))
-            try:
-                with acc.autocast():
-                    logs = stage.train_step({"hr": hr, "lr": lr}, step, generator)
-                bad_steps = 0
-            except NonFiniteLoss as err:
-                stage.zero_grad()
-                bad_steps += 1
-                warnings.warn(f"step {step} skipped: {err} ({bad_steps} in a row)", stacklevel=1)
-                if bad_steps >= cfg.optim.max_bad_steps:
-                    raise TrainingStopped(
-                        f"{bad_steps} steps in a row had a NaN/inf loss (last: {err}); lower optim.lr, "
-                        "check the data, or resume from an earlier checkpoint"
-                    ) from None
-                logs = {}
-            step += 1
-            bar.update(1)
-            if logs:
-                bar.set_postfix_str(_postfix(logs), refresh=False)
-                if main and (step % cfg.optim.log_every == 0 or step == steps):
-                    logbook.log(step, {k: v for k, v in logs.items() if math.isfinite(v)})
-            stop_now = bool(acc.gather(torch.tensor([float(stop.requested)], device=acc.device)).sum() > 0)
-            if stop_now:
-                bar.close()
-                logbook.close()
-                raise TrainingInterrupted(step, checkpoint(step))
-            if step % cfg.checkpoint.every == 0 and step < steps:
-                checkpoint(step)
-            if step % cfg.validation.every == 0 or step == steps:
-                validate(step)
+    while step < steps:
+        _, hr, lr = next(inputs)
+        generator = torch.Generator(acc.device).manual_seed(derive_seed(cfg.seed, step, rank, _STEP))
+        try:
+            with acc.autocast():
+                logs = stage.train_step({"hr": hr, "lr": lr}, step, generator)
+            bad_steps = 0
+        except NonFiniteLoss as err:
+            stage.zero_grad()
+            bad_steps += 1
+            warnings.warn(f"step {step} skipped: {err} ({bad_steps} in a row)", stacklevel=1)
+            if bad_steps >= cfg.optim.max_bad_steps:
+                raise TrainingStopped(
+                    f"{bad_steps} steps in a row had a NaN/inf loss (last: {err}); lower optim.lr, "
+                    "check the data, or resume from an earlier checkpoint"
+                ) from None
+            logs = {}
+        step += 1
+        bar.update(1)
+        if logs:
+            bar.set_postfix_str(_postfix(logs), refresh=False)
+            if main and (step % cfg.optim.log_every == 0 or step == steps):
+                logbook.log(step, {k: v for k, v in logs.items() if math.isfinite(v)})
+        stop_now = bool(acc.gather(torch.tensor([float(stop.requested)], device=acc.device)).sum() > 0)
+        if stop_now and step < steps:  # after the last step, finishing is the quickest way out
+            bar.close()
+            logbook.close()
+            raise TrainingInterrupted(step, checkpoint(step), stop.signum or signal.SIGINT)
+        if step % cfg.checkpoint.every == 0 and step < steps:
+            checkpoint(step)
+        if step % cfg.validation.every == 0 or step == steps:
+            validate(step)
     bar.close()
     checkpoint(steps)
     logbook.close()

@@ -1,0 +1,181 @@
+"""The trainer under faults: damaged checkpoints, SIGTERM, a second interrupt (issue #13).
+
+Runs are a few steps of the tiny teacher (no teacher file needed), set up as in test_trainer.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from tests import test_trainer
+from tests.test_trainer import REPO, TEACHER, common
+from trainer import checkpoint as checkpoint_module
+from trainer import cli
+from trainer.checkpoint import CheckpointState, CorruptCheckpoint, load_checkpoint, save_checkpoint, trained_keys
+from trainer.config import ConfigError, load_config
+from trainer.loop import TrainingAborted, train
+from trainer.stages.teacher import TeacherStage
+
+# test_trainer's fixtures, found by pytest under these names: its training photos, and one thread
+images, _one_thread = test_trainer.images, test_trainer._one_thread
+
+
+def _teacher(images: Path, out: Path, *overrides: str) -> list[str]:
+    """The tiny teacher's overrides: two VAE steps, then the UNet; every checkpoint kept."""
+    return common(images, out) + ["teacher.vae_steps=2", "checkpoint.keep=10", *overrides]
+
+
+def _toy_state() -> CheckpointState:
+    """A Linear and its optimizer: enough for the checkpoint files, without building a model."""
+    layer = nn.Linear(3, 2)
+    opt = torch.optim.Adam(layer.parameters())
+    layer(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return CheckpointState({"m": layer}, {"m": trained_keys(layer)}, {"opt": opt})
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def test_resume_latest_falls_back_past_corrupt_checkpoints(images, tmp_path):
+    """Checkpoints 1-3, then the run dies before the last; 3 has its weights cut short and 2 an empty
+    optim.pt (and, as written before sizes were recorded, no sizes: the reader itself finds it).
+    The resume warns once naming both, goes on from 1 and ends where the uninterrupted run did."""
+    out = tmp_path / "run"
+    cfg = load_config(TEACHER, _teacher(images, out, "optim.steps=4", "checkpoint.every=1"))
+    expected = load_file(train(cfg, progress=False))
+    ckpts = out / "checkpoints"
+    (ckpts / "step-00000004").rename(tmp_path / "lost")  # as if killed before the final checkpoint
+    weights = ckpts / "step-00000003" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (ckpts / "step-00000002" / "optim.pt").write_bytes(b"")
+    state = ckpts / "step-00000002" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "files"}))
+
+    skipped = (r"skipped unreadable checkpoint step-00000003: weights.safetensors is 1000 bytes, \d+ were written; "
+               r"step-00000002: optim.pt is unreadable \(.+\); resuming from step-00000001$")  # fmt: skip
+    with pytest.warns(UserWarning, match=skipped) as caught:
+        got = load_file(train(cfg, resume="latest", progress=False))
+    assert len([w for w in caught if "checkpoint" in str(w.message)]) == 1
+    assert got.keys() == expected.keys()
+    assert not [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert weights.stat().st_size == (tmp_path / "lost" / "weights.safetensors").stat().st_size  # rewritten whole
+
+
+def test_no_complete_checkpoint_is_one_clear_error(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    for step in (1, 2):
+        save_checkpoint(out / "checkpoints", step, _toy_state(), {"config": {"stage": "teacher"}})
+    (out / "checkpoints" / "step-00000002" / "state.json").write_text("")
+    (out / "checkpoints" / "step-00000001" / "rng.safetensors").unlink()
+    assert cli.main(["--config", str(TEACHER), "--resume", "latest", "--no-progress", *_teacher(images, out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "error: no complete checkpoint to resume from under" in err
+    assert "step-00000002: state.json is unreadable" in err and "step-00000001: rng.safetensors is missing" in err
+
+
+def test_a_named_corrupt_checkpoint_is_refused_before_anything_is_applied(tmp_path):
+    saved = save_checkpoint(tmp_path, 1, _toy_state(), {})
+    weights = saved / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])
+    target = _toy_state()
+    before = {k: v.clone() for k, v in target.modules["m"].state_dict().items()}
+    with pytest.raises(CorruptCheckpoint, match=r"step-00000001: weights.safetensors is \d+ bytes, \d+ were written"):
+        load_checkpoint(saved, target, torch.device("cpu"))
+    assert all(torch.equal(v, before[k]) for k, v in target.modules["m"].state_dict().items())
+    (saved / "state.json").unlink()
+    with pytest.raises(ConfigError, match="state.json is missing"):
+        load_checkpoint(saved, target, torch.device("cpu"))
+
+
+def test_checkpoint_files_and_folders_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    fsync, replace = checkpoint_module._fsync, os.replace
+
+    def recorded_fsync(path: Path) -> None:
+        events.append(("fsync", path.name))
+        fsync(path)
+
+    def recorded_replace(src: os.PathLike, dst: os.PathLike) -> None:
+        events.append(("replace", Path(src).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module, "_fsync", recorded_fsync)
+    monkeypatch.setattr(checkpoint_module.os, "replace", recorded_replace)
+    final = save_checkpoint(tmp_path / "checkpoints", 5, _toy_state(), {})
+    renamed = events.index(("replace", "step-00000005.partial"))
+    before = {name for kind, name in events[:renamed] if kind == "fsync"}
+    assert {p.name for p in final.iterdir()} | {"step-00000005.partial"} == before
+    assert events[renamed + 1 :] == [("fsync", "checkpoints")]
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGTERM delivery are POSIX")
+def test_sigterm_finishes_the_step_and_leaves_a_resumable_checkpoint(images, tmp_path):
+    """SIGTERM to the whole process group, as SLURM sends it (a loader worker gets it too)."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(REPO / "trainer" / "run.py"), "--config", str(TEACHER), "--no-progress",
+               *_teacher(images, out, "optim.steps=100000", "data.num_workers=1", "optim.threads=1")]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        log = out / "log.csv"
+        while proc.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) > 1):
+            time.sleep(0.2)  # until the first step is logged
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM after step ") and last.endswith("; continue with: --resume latest")
+    step = int(last.split("after step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step-{step:08d}").is_dir()
+    cfg = load_config(TEACHER, _teacher(images, out, f"optim.steps={step + 1}"))
+    assert train(cfg, resume="latest", progress=False).is_file()
+    assert f"{step + 1},loss," in (out / "log.csv").read_text()
+
+
+def test_a_second_interrupt_exits_at_once_with_one_line_and_restores_the_handlers(images, tmp_path, capsys,
+                                                                                   monkeypatch):
+    original = TeacherStage.train_step
+
+    def interrupted_twice(self, batch, step, generator):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)  # handled at once: the step is to finish...
+            signal.raise_signal(signal.SIGINT)  # ...but the user insists
+        return original(self, batch, step, generator)
+
+    monkeypatch.setattr(TeacherStage, "train_step", interrupted_twice)
+    own = lambda signum, frame: None  # noqa: E731  (the embedding process's own handler)
+    previous_term = signal.signal(signal.SIGTERM, own)
+    try:
+        out = tmp_path / "run"
+        assert cli.main(["--config", str(TEACHER), "--no-progress", *_teacher(images, out, "optim.steps=5")]) == 130
+        assert signal.getsignal(signal.SIGTERM) is own and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "SIGTERM: stopping after this step (a checkpoint will be written); a second SIGTERM aborts now",
+        "aborted by a second SIGINT; the last checkpoint written is kept",
+    ]
+    assert not (out / "checkpoints").exists()
+    assert issubclass(TrainingAborted, KeyboardInterrupt)  # what a host's `except Exception` lets through
