@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from vpdsr import VPDPipeline, load_pipeline, read_meta
-from vpdsr.errors import ModelFileError
+from vpdsr import VPDPipeline, load_pipeline
+from vpdsr.errors import MissingBaseError, ModelFileError, OutOfMemory, VPDError
 from vpdsr.pipeline import resolve_dtype
 from vpdsr.semantics import SemanticModel
 
@@ -44,6 +44,14 @@ class LoadCache:
 STUDENTS = LoadCache()
 CLIPS = LoadCache()
 
+# The node inputs that fix what the core reports: the core's messages name no front-end's settings.
+# (Missing files and the embedded default are the node's own errors: ``folders`` resolves its inputs.)
+HINTS: dict[type[VPDError], str] = {
+    MissingBaseError: "choose its base model in 'base' of Load VPD Model: an SD 2.x / SD-Turbo single-file "
+    ".safetensors in models/checkpoints, or a diffusers folder in models/diffusers",
+    OutOfMemory: "choose dtype fp16 in Load VPD Model, or free memory by unloading other models",
+}
+
 
 def file_stamp(path: Path | None) -> tuple[str, int] | None:
     """Path and modification time; for a folder (a diffusers base), its newest file's time."""
@@ -58,17 +66,14 @@ def file_stamp(path: Path | None) -> tuple[str, int] | None:
 def load_student_pipeline(
     path: Path, base: Path | None, dtype: str, device: torch.device, offload_device: torch.device
 ) -> VPDPipeline:
-    """A pipeline in ``dtype`` for ``device``, parked on ``offload_device`` until it runs."""
-    meta = read_meta(path)
-    if meta.weights == "lora" and base is None:
-        raise ModelFileError(
-            f"{path.name} is a LoRA student for the {meta.backbone.name} backbone: choose its base model "
-            "in 'base' (an SD 2.x / SD-Turbo single-file .safetensors in models/checkpoints, or a diffusers "
-            "folder in models/diffusers)."
-        )
+    """A pipeline in ``dtype`` for ``device``, parked on ``offload_device`` until it runs; the core's
+    errors come out in the node's words (``HINTS``)."""
     torch_dtype = resolve_dtype(dtype, device)
     key = (file_stamp(path), file_stamp(base), torch_dtype)
-    return STUDENTS.get(key, lambda: load_pipeline(path, base=base, device=offload_device, dtype=torch_dtype))
+    try:
+        return STUDENTS.get(key, lambda: load_pipeline(path, base=base, device=offload_device, dtype=torch_dtype))
+    except VPDError as err:
+        raise err.worded(HINTS) from None
 
 
 def load_semantic_model(path: Path, config: str | None) -> SemanticModel:

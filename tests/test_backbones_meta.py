@@ -4,13 +4,16 @@ The configs were checked against the public diffusers configs of stabilityai/sta
 and stabilityai/sd-turbo (attention_head_dim [5, 10, 20, 20], use_linear_projection true,
 upcast_attention false/null, sample_size 64, cross_attention_dim 1024, epsilon prediction with the
 scaled_linear 0.00085..0.012 schedule); the parameter counts below are SD 2's published ones.
+``sdxl-base`` was checked against stabilityai/stable-diffusion-xl-base-1.0's UNet and VAE configs
+(transformer_layers_per_block [1, 2, 10], addition_time_embed_dim 256,
+projection_class_embeddings_input_dim 2816, VAE scaling_factor 0.13025); its UNet count is SDXL's.
 """
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from vpdsr.backbones import backbone_config, build_backbone
+from vpdsr.backbones import backbone_config, backbone_family, build_backbone
 from vpdsr.lora import UNET_TARGET_SUFFIXES, VAE_ENCODER_TARGET_SUFFIXES, LoraSpec, add_lora, default_lora_targets
 from vpdsr.osediff import osediff_lora_specs, osediff_lora_targets
 from vpdsr.text_encoder import build_open_clip_text_encoder
@@ -19,6 +22,7 @@ SD_BACKBONES = ["sd21-base", "sd-turbo"]
 UNET_PARAMS = 865_910_724  # SD 2.x UNet ("865M")
 VAE_PARAMS = 83_653_863  # SD VAE (kl-f8)
 TEXT_PARAMS = 340_387_840  # OpenCLIP ViT-H-14 text tower up to the penultimate block = diffusers' SD 2 text_encoder
+SDXL_UNET_PARAMS = 2_567_463_684  # SDXL 1.0 base's UNet ("2.6B")
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +105,19 @@ def test_sd2_text_encoder_on_meta():
     assert len(encoder.tower.transformer.resblocks) == 23  # ViT-H-14 has 24; SD 2 reads the penultimate
     assert count(encoder.tower) == TEXT_PARAMS
     assert encoder("a photo of a cat").shape == (1, 77, 1024)
+
+
+def test_sdxl_size_builds_on_meta_and_takes_its_added_conditioning():
+    parts = build_backbone("sdxl-base", device="meta")
+    assert count(parts.unet) == SDXL_UNET_PARAMS and count(parts.vae) == VAE_PARAMS  # SDXL keeps SD's kl-f8 VAE
+    assert parts.config.family == "sdxl" and parts.config.scaling_factor == 0.13025
+    family = backbone_family(parts.config)
+    assert family.extra_embeds() == {"pooled_prompt_embeds": (1280,)}
+    assert family.time_ids == (1024, 1024, 0, 0, 1024, 1024)
+    z = torch.empty(1, 4, 32, 32, device="meta")
+    embeds = torch.empty(77, 2048, device="meta")
+    out = family.predict(parts.unet, z, torch.tensor([999], device="meta"), embeds, family.extra_tensors())
+    assert out.shape == z.shape
+    targets = family.unet_lora_targets(parts.unet, include_conv_in=False)
+    assert any(t.endswith("attn2.to_k") for t in targets)
+    assert not any(t.startswith(("add_embedding", "time_embedding", "conv_in")) for t in targets)

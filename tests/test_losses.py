@@ -11,11 +11,13 @@ from safetensors.torch import save_file
 
 from trainer.diffusion import LatentDiffusion, conditional_unet_config
 from trainer.losses import (
+    LOSSES,
     AdversarialLoss,
     DiffLoss,
     HFPLoss,
     ReconstructionLoss,
     SemanticLoss,
+    StudentLoss,
     TeacherRegressionLoss,
     UNetDiscriminator,
     VSDLoss,
@@ -341,3 +343,28 @@ def test_adversarial_gradients_go_to_the_right_side(kind, sr_prior):
 def test_prior_features_discriminator_needs_a_prior():
     with pytest.raises(ValueError, match="prior"):
         AdversarialLoss("prior_features")
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_losses_register_in_the_order_the_student_builds_them():
+    """The import list of trainer/losses/__init__.py is the build and sum order: building draws random
+    numbers, so reordering it would train the committed configs differently."""
+    builtin = ["reconstruction", "hfp", "sr_teacher", "semantic", "regression", "vsd", "diffloss", "adversarial"]
+    assert list(LOSSES)[: len(builtin)] == builtin
+    assert all(LOSSES[key].__module__ == f"trainer.losses.{key}" for key in builtin)  # <key>.py holds loss <key>
+
+
+def test_a_loss_key_registers_once_and_needs_a_dataclass_config():
+    with pytest.raises(TypeError, match="two losses register as 'vsd'"):
+
+        class Again(StudentLoss, key="vsd", config=LOSSES["vsd"].config_class):
+            pass
+
+    with pytest.raises(TypeError, match="must be a dataclass"):
+
+        class Untyped(StudentLoss, key="untyped", config=dict):
+            pass
+
+    assert "untyped" not in LOSSES and LOSSES["vsd"].__name__ == "VSDTerm"

@@ -10,12 +10,15 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -23,7 +26,10 @@ import vpdsr
 from tests.sd_fixtures import TINY_SD2, ldm_state, random_parts, text_tower
 from trainer import cli
 from trainer.config import ConfigError, load_config
+from trainer.images import psnr_ssim
 from trainer.loop import TrainingInterrupted, TrainingStopped, fill_sr_teacher_cache, train
+from trainer.losses import LOSSES, StudentLoss, StudentStep
+from trainer.stages import build_stage
 from trainer.stages import student as student_module
 from trainer.stages.base import portable_paths
 from trainer.stages.teacher import VAEReconstruction
@@ -149,6 +155,7 @@ def test_overrides_are_typed_by_the_dataclass_fields():
     [
         (["optim.lrr=1"], "unknown key optim.lrr; valid keys in optim: .*lr_schedule"),
         (["losses.vsd.wieght=1"], "unknown key losses.vsd.wieght"),
+        (["losses.vssd.weight=1"], "unknown key losses.vssd; valid keys in losses: adversarial, diffloss, hfp, "),
         (["optim.steps=many"], "optim.steps must be an integer, got 'many'"),
         (["optim.lr_schedule=linear"], "optim.lr_schedule must be one of 'constant', 'cosine'"),
         (["optim.gradient_checkpointing=yes please"], "must be true or false"),
@@ -191,6 +198,63 @@ def test_degrade_preview_command(images, tmp_path):
                      f"data.hr_dirs=[{images}]", "data.crop_size=32"]) == 0  # fmt: skip
     with Image.open(out) as grid:
         assert grid.width >= 3 * 32
+
+
+@dataclass
+class ToyLossConfig:
+    weight: float = 0.0
+    level: float = 0.0
+    """The grey level, in [-1, 1], the toy loss pulls SR towards."""
+
+
+@pytest.fixture
+def toy_loss():
+    """A loss added the way a contributor adds one: its config and one class, registered by the class
+    statement; nothing else in the trainer is told about it. Unregistered after the test."""
+
+    class ToyTerm(StudentLoss, key="toy", config=ToyLossConfig):
+        def terms(self, s: StudentStep) -> dict[str, tuple[float, torch.Tensor]]:
+            return {"toy": (self.config.weight, (s.sr - self.config.level).abs().mean())}
+
+    yield ToyTerm
+    del LOSSES["toy"]
+
+
+def test_a_new_loss_is_read_from_yaml_and_trained(toy_loss, teacher_file, images, tmp_path):
+    data = yaml.safe_load(STUDENT.read_text())
+    data["losses"].update(toy={"weight": 0.5, "level": 0.25}, vsd={"weight": 0}, regression={"weight": 0},
+                          diffloss={"weight": 0}, adversarial={"weight": 0})  # fmt: skip
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(path, common(images, tmp_path / "out") + [f"student.teacher={teacher_file}"])
+    assert cfg.losses.toy == ToyLossConfig(weight=0.5, level=0.25)  # typed, like every other section
+    assert cfg.to_dict()["losses"]["toy"] == {"weight": 0.5, "level": 0.25}
+    with pytest.raises(ConfigError, match="unknown key losses.toy.levle; valid keys in losses.toy: level, weight"):
+        load_config(path, ["losses.toy.levle=1"])
+    with pytest.raises(ConfigError, match="unknown key losses.toyy; valid keys in losses: .*, toy, vsd"):
+        load_config(path, ["losses.toyy.weight=1"])
+    stage = build_stage(cfg, Accelerator(cpu=True))
+    hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    logs = stage.train_step({"hr": hr, "lr": hr[..., ::4, ::4]}, 0, torch.Generator().manual_seed(0))
+    assert {"rec", "hfp", "toy"} <= set(logs) and not {"vsd", "regression", "diffloss", "gan_g"} & set(logs)
+    assert logs["loss"] == pytest.approx(logs["rec"] + logs["hfp"] + 0.5 * logs["toy"], rel=1e-5)
+
+
+def test_validation_measures_what_the_exported_file_gives(teacher_file, images, tmp_path):
+    """Validation runs the student through VPDPipeline, the inference path itself (not a copy of it)."""
+    cfg = load_config(STUDENT, common(images, tmp_path) + [
+        f"student.teacher={teacher_file}", "losses.vsd.weight=0", "losses.diffloss.weight=0",
+        "losses.adversarial.weight=0", "losses.regression.weight=0",
+    ])  # fmt: skip
+    stage = build_stage(cfg, Accelerator(cpu=True))
+    hr = torch.rand(1, 3, 40, 36, generator=torch.Generator().manual_seed(0))  # 40x36: padded to the multiple
+    lr = torch.nn.functional.interpolate(hr, scale_factor=0.25, mode="area")
+    metrics, rows = stage.validate([{"hr": hr, "lr": lr}], 0)
+    pipe = vpdsr.load_pipeline(model=stage.export(tmp_path), device="cpu")
+    sr = pipe(lr, color_fix=cfg.student.color_fix)
+    assert torch.allclose(rows[0][1], sr[0], atol=1e-6)
+    psnr, _ = psnr_ssim(sr, hr)
+    assert metrics["psnr"] == pytest.approx(float(psnr.mean()), abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- stages end to end

@@ -20,7 +20,7 @@ from tests.sd_fixtures import (
     tiny_config,
     write_diffusers_folder,
 )
-from vpdsr.errors import ModelFileError
+from vpdsr.errors import DownloadNotAllowed, ModelFileError
 from vpdsr.text_encoder import build_open_clip_text_encoder
 from vpdsr.weights import load_base
 
@@ -161,8 +161,9 @@ def test_folder_text_encoder_of_another_depth_is_not_used(parts, folder, tmp_pat
 
 
 def test_hub_ids_need_allow_download(monkeypatch, folder):
-    with pytest.raises(ModelFileError, match="--allow-download"):
+    with pytest.raises(DownloadNotAllowed, match="downloads nothing unless asked") as caught:
         load_base(TINY_SD2, "stabilityai/stable-diffusion-2-1-base")
+    assert caught.value.source == "stabilityai/stable-diffusion-2-1-base"
     calls = []
 
     def fake_snapshot_download(repo_id, allow_patterns):

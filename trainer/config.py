@@ -1,7 +1,9 @@
 """Every option of a training run, as nested dataclasses: the YAML files mirror this layout.
 
 Defaults are for the tiny backbone on a small machine; the committed configs in
-``trainer/configs/`` set what differs. A loss is switched on by giving it a weight above zero.
+``trainer/configs/`` set what differs. A loss is switched on by giving it a weight above zero;
+each loss's section is the dataclass in its own module (``trainer/losses/<key>.py``), and
+``losses:`` accepts exactly the registered ones (``trainer.losses.LossesConfig``).
 """
 
 from __future__ import annotations
@@ -10,29 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vpdsr.color import COLOR_FIXES
+from vpdsr.color import COLOR_FIXES, MAX_WAVELET_LEVELS, WAVELET_LEVELS
 
 from .config_loading import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from .data import DataConfig
 from .degradations import DegradationConfig
+from .losses import LossesConfig
 
 __all__ = [
-    "AdversarialLossConfig",
     "CheckpointConfig",
     "ClipConfig",
     "ConfigError",
     "DapeConfig",
-    "DiffLossConfig",
-    "HFPLossConfig",
     "LossesConfig",
     "OptimConfig",
-    "ReconstructionLossConfig",
-    "RegressionLossConfig",
-    "SemanticLossConfig",
     "StudentConfig",
     "TeacherConfig",
     "TrainConfig",
-    "VSDLossConfig",
     "ValidationConfig",
     "load_config",
 ]
@@ -42,11 +38,6 @@ def _check_nonnegative(section: object, *names: str) -> None:
     for name in names:
         if getattr(section, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(section, name)}")
-
-
-def _check_timesteps(t_min: int, t_max: int) -> None:
-    if not 0 <= t_min <= t_max <= 999:
-        raise ValueError(f"t_min/t_max must satisfy 0 <= t_min <= t_max <= 999, got {t_min}, {t_max}")
 
 
 @dataclass
@@ -190,6 +181,9 @@ class StudentConfig:
     color_fix: str = "none"
     """The inference colour fix to train under: the pixel losses and validation see the fixed
     output, as users will, so the student spends no capacity on the low band the fix replaces."""
+    wavelet_levels: int = WAVELET_LEVELS
+    """The wavelet fix's bands kept from the student (the rest come from the bicubic input); the
+    exported file records it, so inference applies the same fix."""
     train_vae_decoder: bool = False
     """Also train the VAE decoder in full (only with lora_rank 0). OSEDiff keeps it frozen so the
     student's latents stay those the prior scores; a small backbone whose VAE had only minutes of
@@ -207,6 +201,8 @@ class StudentConfig:
         _check_nonnegative(self, "lora_rank", "lora_alpha")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}")
+        if not 1 <= self.wavelet_levels <= MAX_WAVELET_LEVELS:
+            raise ValueError(f"wavelet_levels must be in [1, {MAX_WAVELET_LEVELS}], got {self.wavelet_levels}")
         if self.train_vae_decoder and self.lora_rank > 0:
             raise ValueError("train_vae_decoder needs lora_rank 0 (the decoder has no LoRA targets)")
 
@@ -226,140 +222,6 @@ class DapeConfig:
         if self.lora_rank < 1:
             raise ValueError(f"dape.lora_rank must be >= 1, got {self.lora_rank}")
         _check_nonnegative(self, "lora_alpha", "embed_weight", "kl_weight")
-
-
-@dataclass
-class ReconstructionLossConfig:
-    weight: float = 1.0
-    kind: Literal["l1", "mse"] = "l1"
-    lpips_weight: float = 0.0
-    lpips_vgg_path: str | None = None
-    """torchvision VGG16 weights file; LPIPS is never downloaded."""
-    lpips_lin_path: str | None = None
-    """LPIPS linear-layer weights (the ``vgg.pth`` of the lpips package, v0.1)."""
-
-
-@dataclass
-class VSDLossConfig:
-    """Variational score distillation (OSEDiff's distribution matching)."""
-
-    weight: float = 0.0
-    guidance: float = 1.5
-    """Classifier-free guidance on the real (frozen) branch."""
-    t_min: int = 20
-    t_max: int = 980
-    fake_lr: float = 1e-4
-    fake_lora_rank: int = 8
-
-    def __post_init__(self) -> None:
-        _check_timesteps(self.t_min, self.t_max)
-        if self.fake_lora_rank < 1:
-            raise ValueError(f"fake_lora_rank must be >= 1, got {self.fake_lora_rank}")
-
-
-@dataclass
-class RegressionLossConfig:
-    """Regression onto the multi-step teacher's output for the same LR (SinSR form)."""
-
-    weight: float = 0.0
-    steps: int = 4
-    """DDIM steps of the teacher per training batch."""
-    guidance: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-
-
-@dataclass
-class SRTeacherLossConfig:
-    """Distillation onto a pretrained SR network's output for the same LR (student.sr_teacher)."""
-
-    weight: float = 0.0
-    kind: Literal["l1", "mse"] = "l1"
-    hfp_target: bool = False
-    """The HFP term compares with the teacher's output instead of the HR crop."""
-    gan_target: bool = False
-    """The discriminator takes the teacher's outputs as its "real" images instead of the HR crops."""
-
-
-@dataclass
-class SemanticLossConfig:
-    """ESS: CLIP embeddings and zero-shot tags of SR pulled towards HR's (needs clip.path)."""
-
-    weight: float = 0.0
-    """Weight of 1 - cos(SR, HR) embeddings."""
-    kl_weight: float = 0.0
-    """Weight of KL(HR tags || SR tags)."""
-
-
-@dataclass
-class HFPLossConfig:
-    """High-frequency perception: SR vs HR on high-frequency bands."""
-
-    weight: float = 0.0
-    bands: Literal["laplacian", "wavelet", "both"] = "laplacian"
-    levels: int = 3
-    clip_weight: float = 0.0
-    """Cosine loss on CLIP embeddings of the high-pass images (needs clip.path)."""
-    energy_weight: float = 0.0
-    """L1 on the local RMS of the same bands: asks for detail of the right strength without its
-    exact phase, which band L1 alone punishes into blur."""
-    energy_window: int = 8
-    """Side in pixels of the windows the band RMS is taken over."""
-
-    def __post_init__(self) -> None:
-        if self.levels < 1:
-            raise ValueError(f"levels must be >= 1, got {self.levels}")
-        if self.energy_window < 1:
-            raise ValueError(f"energy_window must be >= 1, got {self.energy_window}")
-        _check_nonnegative(self, "energy_weight")
-
-
-@dataclass
-class AdversarialLossConfig:
-    weight: float = 0.0
-    discriminator: Literal["pixel_unet", "prior_features"] = "pixel_unet"
-    """A spectral-norm U-Net on pixels, or light heads on the frozen prior UNet's features."""
-    loss: Literal["hinge", "non_saturating"] = "hinge"
-    start_step: int = 0
-    """Warm-up: the discriminator and its loss switch on at this step."""
-    lr: float = 1e-4
-    channels: int = 32
-    t_min: int = 0
-    t_max: int = 500
-    """Noise levels at which the prior's features are taken (prior_features only)."""
-
-    def __post_init__(self) -> None:
-        _check_timesteps(self.t_min, self.t_max)
-        if self.channels < 4:
-            raise ValueError(f"channels must be >= 4, got {self.channels}")
-
-
-@dataclass
-class DiffLossConfig:
-    """A frozen diffusion UNet as a constraint: SR and HR noised alike must look alike to it."""
-
-    weight: float = 0.0
-    feature_weight: float = 1.0
-    """Relative weight of the mid-block features against the noise predictions."""
-    t_min: int = 50
-    t_max: int = 500
-
-    def __post_init__(self) -> None:
-        _check_timesteps(self.t_min, self.t_max)
-
-
-@dataclass
-class LossesConfig:
-    reconstruction: ReconstructionLossConfig = field(default_factory=ReconstructionLossConfig)
-    vsd: VSDLossConfig = field(default_factory=VSDLossConfig)
-    regression: RegressionLossConfig = field(default_factory=RegressionLossConfig)
-    sr_teacher: SRTeacherLossConfig = field(default_factory=SRTeacherLossConfig)
-    semantic: SemanticLossConfig = field(default_factory=SemanticLossConfig)
-    hfp: HFPLossConfig = field(default_factory=HFPLossConfig)
-    adversarial: AdversarialLossConfig = field(default_factory=AdversarialLossConfig)
-    diffloss: DiffLossConfig = field(default_factory=DiffLossConfig)
 
 
 @dataclass

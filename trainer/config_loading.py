@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_yaml", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_yaml", "sections_from_dict", "to_dict"]
 
 T = TypeVar("T")
 _BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
@@ -72,18 +73,9 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     label = where or "the config"
     if isinstance(data, cls):
         return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{label} must be a mapping of keys to values, got {data!r}")
-    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(_join(where, k) for k in unknown)}; "
-            f"valid keys{' in ' + where if where else ''}: {', '.join(sorted(fields))}"
-        )
+    data = _known_keys(data, fields, where)
+    hints = typing.get_type_hints(cls)
     missing = [
         name
         for name, f in fields.items()
@@ -98,6 +90,29 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         return cls(**values)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{label}: {err}") from None
+
+
+def sections_from_dict(classes: Mapping[str, type], data: Any, where: str) -> dict[str, Any]:
+    """A section of named sub-sections whose names are known only at run time (the registered
+    losses): each value is built as its name's dataclass, with every check of :func:`from_dict`.
+    Names the data leaves out are left out here; the caller fills in their defaults."""
+    data = _known_keys(data, classes, where)
+    return {name: from_dict(classes[name], value, _join(where, name)) for name, value in data.items()}
+
+
+def _known_keys(data: Any, valid: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``data`` as a dict (None: empty) whose keys are all in ``valid``; else the error naming them."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}")
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(_join(where, k) for k in unknown)}; "
+            f"valid keys{' in ' + where if where else ''}: {', '.join(sorted(valid))}"
+        )
+    return data
 
 
 def to_dict(obj: Any) -> Any:
@@ -136,6 +151,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where} must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
         return value
+    section = getattr(tp, "from_config_section", None)
+    if section is not None:  # a section whose keys are known only at run time (trainer.losses.LossesConfig)
+        return section(value, where)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (tuple, list):

@@ -9,13 +9,14 @@ Two kinds of conditioning cover our uses:
   prompt embedding conditions it and a negative-prompt embedding is the unconditional branch.
 
 The same object is the trained model of the teacher stage and, frozen, the "real" prior of the
-student stage's VSD, DiffLoss and feature-discriminator losses.
+student stage's VSD, DiffLoss and feature-discriminator losses. The VAE scaling and the UNet call
+are the backbone family's (``vpdsr.model.LatentModel``), the same the one-step student uses.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -23,7 +24,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
 from vpdsr.backbones import BackboneConfig, alphas_cumprod
-from vpdsr.model import predicted_x0
+from vpdsr.model import LatentModel, predicted_x0
 
 __all__ = ["LatentDiffusion", "capture_outputs", "conditional_unet_config", "expand_conv_in", "random_timesteps"]
 
@@ -76,8 +77,12 @@ def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]
             handle.remove()
 
 
-class LatentDiffusion(nn.Module):
-    """VAE + UNet + schedule with the operations training needs: noise, targets, predict, sample."""
+class LatentDiffusion(LatentModel):
+    """VAE + UNet + schedule with the operations training needs: noise, targets, predict, sample.
+
+    ``cond``/``uncond`` are token embeddings (tokens x dim); ``extras``/``uncond_extras`` the rest
+    of the conditioning where the family has more (SDXL's pooled embedding), zeros when not given.
+    """
 
     def __init__(
         self,
@@ -88,11 +93,10 @@ class LatentDiffusion(nn.Module):
         lr_conditioned: bool,
         cond: torch.Tensor,
         uncond: torch.Tensor | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
+        uncond_extras: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        super().__init__()
-        self.vae = vae
-        self.unet = unet
-        self.config = config
+        super().__init__(vae, unet, config)
         self.lr_conditioned = lr_conditioned
         expected = 2 * config.latent_channels if lr_conditioned else config.latent_channels
         if unet.config.in_channels != expected:
@@ -104,6 +108,9 @@ class LatentDiffusion(nn.Module):
         uncond = cond if uncond is None else (uncond[0] if uncond.dim() == 3 else uncond)
         self.register_buffer("cond", cond.detach().float().clone())
         self.register_buffer("uncond", uncond.detach().float().clone())
+        for branch, given in (("cond", extras), ("uncond", extras if uncond_extras is None else uncond_extras)):
+            for name, tensor in self.family.extra_tensors(given).items():
+                self.register_buffer(f"{branch}_{name}", tensor)
         self.register_buffer("abar", alphas_cumprod(config.scheduler).float(), persistent=False)
 
     @property
@@ -113,14 +120,6 @@ class LatentDiffusion(nn.Module):
     @property
     def prediction_type(self) -> str:
         return self.config.prediction_type
-
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
-        """Pixels in [-1, 1] -> scaled latent (the posterior mean unless ``sample``)."""
-        dist = self.vae.encode(x).latent_dist
-        return (dist.sample(generator) if sample else dist.mean) * self.config.scaling_factor
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.config.scaling_factor).sample
 
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return self.abar.to(like.device)[t].view(-1, 1, 1, 1).to(like.dtype)
@@ -150,15 +149,15 @@ class LatentDiffusion(nn.Module):
     def _unet_call(
         self, unet: nn.Module, z_t: torch.Tensor, t: torch.Tensor, z_lr: torch.Tensor | None, uncond: bool
     ) -> torch.Tensor:
-        n = z_t.shape[0]
         if self.lr_conditioned:
             if z_lr is None:
                 raise ValueError("an LR-conditioned diffusion model needs the LR latent")
             x = torch.cat([z_t, torch.zeros_like(z_lr) if uncond else z_lr], dim=1)
         else:
             x = z_t
-        embeds = (self.uncond if uncond else self.cond).to(z_t.device, z_t.dtype)
-        return unet(x, t, encoder_hidden_states=embeds.unsqueeze(0).expand(n, -1, -1)).sample
+        branch = "uncond" if uncond else "cond"
+        extras = {name: getattr(self, f"{branch}_{name}") for name in self.family.extra_embeds()}
+        return self.family.predict(unet, x, t, getattr(self, branch), extras)
 
     def predict(
         self,

@@ -1,4 +1,4 @@
-"""Small image helpers for training: LR upscaling, padding to the model's multiple, grids, metrics."""
+"""Small image helpers for training: LR upscaling, value ranges, grids, metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from vpdsr.metrics import psnr_y, ssim_y
 
-__all__ = ["bicubic_up", "pad_to_multiple", "psnr_ssim", "save_grid", "to_signed", "to_unit"]
+__all__ = ["bicubic_up", "psnr_ssim", "save_grid", "to_signed", "to_unit"]
 
 
 def to_signed(x: torch.Tensor) -> torch.Tensor:
@@ -25,13 +25,6 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 def bicubic_up(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The student's input: the LR image upscaled bicubically to the HR size, in [0, 1]."""
     return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Reflect-pad bottom/right so both sides divide by ``multiple`` (crop the result back)."""
-    h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    return F.pad(x, (0, pw, 0, ph), mode="reflect") if ph or pw else x
 
 
 @torch.no_grad()

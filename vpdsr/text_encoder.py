@@ -11,7 +11,8 @@ The same weights reach users in two layouts:
   converted, so its ``last_hidden_state`` (final LayerNorm included) is already that tensor.
 
 Both are wrapped behind one call, ``encoder(prompt) -> (1, tokens, dim)``, which is all the
-pipeline needs. They are frozen: the students never train the text encoder.
+pipeline needs. They are frozen: the students never train the text encoder. The SD-2 backbone
+family (``vpdsr.backbones.sd2``) decides when they are built; another family brings its own.
 """
 
 from __future__ import annotations

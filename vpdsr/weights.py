@@ -11,7 +11,9 @@ weights come from one of:
 - a Hugging Face repo id, but only when the caller explicitly allows downloading.
 
 Every route checks the weights against the backbone config first, so an SD 1.5 or SDXL file given
-for an SD 2 student fails with a sentence saying so rather than a wall of shape errors.
+for an SD 2 student fails with a sentence saying so rather than a wall of shape errors. What differs
+between backbone families (the single-file key layout and how to recognise it, the text encoder)
+is asked of the backbone's family (``vpdsr.backbones.family``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import inspect
 import json
 import pickle
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,12 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors import safe_open
 from torch import nn
 
-from .backbones import BackboneConfig, backbone_config
-from .errors import ModelFileError
-from .text_encoder import build_open_clip_text_encoder, load_hf_text_encoder
+from .backbones import FAMILIES, BackboneConfig, BackboneFamily, backbone_config, backbone_family, detect_family
+from .errors import DownloadNotAllowed, MissingBaseError, ModelFileError
 
 __all__ = ["SINGLE_FILE_SUFFIXES", "BaseWeights", "load_base", "load_torch_checkpoint"]
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.model."
 
 # Config entries that decide the weights' shapes or what the network computes; anything else
 # (sample_size, version strings, ...) may differ between copies of the same model.
@@ -48,7 +45,7 @@ UNET_ESSENTIALS = (
     "in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
     "down_block_types", "up_block_types", "mid_block_type", "attention_head_dim", "num_attention_heads",
     "use_linear_projection", "transformer_layers_per_block", "only_cross_attention", "class_embed_type",
-    "addition_embed_type", "time_cond_proj_dim",
+    "addition_embed_type", "time_cond_proj_dim", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
 )  # fmt: skip
 VAE_ESSENTIALS = (
     "in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
@@ -62,7 +59,8 @@ HUB_PATTERNS = (
 )  # fmt: skip
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PARTS = {"unet": (UNet2DConditionModel, UNET_ESSENTIALS), "vae": (AutoencoderKL, VAE_ESSENTIALS)}
-_FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}
+# what a checkpoint is called by its UNet's cross-attention width, from every family
+_CHECKPOINT_KINDS = {width: kind for family in FAMILIES.values() for width, kind in family.checkpoint_kinds.items()}
 
 
 @dataclass
@@ -80,10 +78,20 @@ class BaseWeights:
 
 
 def load_base(
-    config: BackboneConfig | str | dict[str, Any], source: str | Path, allow_download: bool = False
+    config: BackboneConfig | str | dict[str, Any], source: str | Path | None, allow_download: bool = False
 ) -> BaseWeights:
-    """Load a backbone's weights from a diffusers folder, a single-file checkpoint or (if allowed) the hub."""
+    """Load a backbone's weights from a diffusers folder, a single-file checkpoint or (if allowed) the hub.
+
+    No ``source`` raises :class:`MissingBaseError` and an absent one :class:`DownloadNotAllowed`, so
+    each caller (the trainer's YAML, a front-end) can name its own setting in the message.
+    """
     config = backbone_config(config)
+    if not source:
+        raise MissingBaseError(
+            f"the {config.name} backbone needs its base weights: a diffusers folder or a single-file .safetensors "
+            "checkpoint",
+            backbone=config.name,
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(config, path, str(path))
@@ -91,10 +99,11 @@ def load_base(
         return _load_single_file(config, path)
     text = str(source)
     if not allow_download:
-        raise ModelFileError(
-            f"base weights not found: {text!r} is not an existing folder or file. vpdsr downloads nothing unless "
-            "asked: pass a diffusers folder or a single-file .safetensors checkpoint, or add --allow-download "
-            "(allow_download=True) to fetch a Hugging Face repo such as stabilityai/stable-diffusion-2-1-base"
+        raise DownloadNotAllowed(
+            f"base weights not found: {text!r} is not an existing folder or file, and vpdsr downloads nothing unless "
+            "asked: give a diffusers folder or a single-file .safetensors checkpoint, or allow downloads to fetch a "
+            "Hugging Face repo such as stabilityai/stable-diffusion-2-1-base",
+            source=text,
         )
     if not _REPO_ID.match(text):
         raise ModelFileError(
@@ -129,9 +138,7 @@ def _load_folder(config: BackboneConfig, folder: Path, source: str) -> BaseWeigh
     _check_scheduler(config, folder, source)
     unet = _from_pretrained(UNet2DConditionModel, folder, "unet", source)
     vae = _from_pretrained(AutoencoderKL, folder, "vae", source)
-    text_encoder = None
-    if config.text_encoder:
-        text_encoder = load_hf_text_encoder(folder, config.text_encoder, config.prompt_embed_shape)
+    text_encoder = backbone_family(config).text_encoder_from_folder(folder)
     return BaseWeights(vae=vae, unet=unet, text_encoder=text_encoder, source=source)
 
 
@@ -167,10 +174,10 @@ def _check_config(
 def _family_hint(config: BackboneConfig, cross_attention_dim: Any) -> str:
     """Names the SD family a cross-attention width belongs to, when it is not the backbone's."""
     expected = config.unet.get("cross_attention_dim")
-    if cross_attention_dim not in _FAMILIES or cross_attention_dim == expected:
+    if cross_attention_dim not in _CHECKPOINT_KINDS or cross_attention_dim == expected:
         return ""
-    needed = _FAMILIES.get(expected, "another family")
-    return f" (it looks like {_FAMILIES[cross_attention_dim]}; {config.name} needs {needed})"
+    needed = _CHECKPOINT_KINDS.get(expected, "another family")
+    return f" (it looks like {_CHECKPOINT_KINDS[cross_attention_dim]}; {config.name} needs {needed})"
 
 
 def _check_scheduler(config: BackboneConfig, folder: Path, source: str) -> None:
@@ -209,17 +216,19 @@ def _load_single_file(config: BackboneConfig, path: Path) -> BaseWeights:
             f"{path.name}: unsupported base checkpoint type {suffix!r}; use a single-file .safetensors (or .ckpt) "
             "Stable Diffusion checkpoint, or a diffusers folder"
         )
-    state, keys = _read_safetensors(path) if suffix == ".safetensors" else _read_ckpt(path)
-    unet_state = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
-    vae_state = {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+    family = backbone_family(config)
+    prefixes = (family.unet_prefix, family.vae_prefix, family.text_prefix)
+    state, keys = _read_safetensors(path, prefixes) if suffix == ".safetensors" else _read_ckpt(path)
+    unet_state = {k: v for k, v in state.items() if k.startswith(family.unet_prefix)}
+    vae_state = {k: v for k, v in state.items() if k.startswith(family.vae_prefix)}
     if not unet_state:
-        raise ModelFileError(f"{path.name}: {_not_a_checkpoint(keys)}")
+        raise ModelFileError(f"{path.name}: {_not_a_checkpoint(keys, family)}")
     if not vae_state:
         raise ModelFileError(
-            f"{path.name}: this file holds no VAE weights (no '{VAE_PREFIX}*' keys); use a full Stable Diffusion "
-            "checkpoint or a diffusers folder"
+            f"{path.name}: this file holds no VAE weights (no '{family.vae_prefix}*' keys); use a full Stable "
+            "Diffusion checkpoint or a diffusers folder"
         )
-    _check_ldm_family(config, unet_state, keys, path.name)
+    _check_ldm_family(config, family, unet_state, keys, path.name)
     try:
         unet_sd = convert_ldm_unet_checkpoint(unet_state, config.unet)
         vae_sd = convert_ldm_vae_checkpoint(vae_state, config.vae)
@@ -231,19 +240,18 @@ def _load_single_file(config: BackboneConfig, path: Path) -> BaseWeights:
         unet, vae = UNet2DConditionModel(**config.unet), AutoencoderKL(**config.vae)
     _assign(unet, unet_sd, f"{path.name}: its UNet", config)
     _assign(vae, vae_sd, f"{path.name}: its VAE", config)
-    text_encoder = None
-    if config.text_encoder:
-        text_state = {k[len(TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
-        text_encoder = _single_file_text_encoder(config, text_state, path.name)
+    cut = len(family.text_prefix)
+    text_state = {k[cut:]: v for k, v in state.items() if k.startswith(family.text_prefix)}
+    text_encoder = family.text_encoder_from_checkpoint(text_state, path.name)
     return BaseWeights(vae=vae.eval(), unet=unet.eval(), text_encoder=text_encoder, source=str(path))
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors vpdsr uses (SD files also carry EMA copies, ...) and every key, for diagnosis."""
+def _read_safetensors(path: Path, prefixes: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors under ``prefixes`` (SD files also carry EMA copies, ...) and every key, for diagnosis."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = list(f.keys())
-            state = {k: f.get_tensor(k) for k in keys if k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX))}
+            state = {k: f.get_tensor(k) for k in keys if k.startswith(prefixes)}
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
         raise ModelFileError(
             f"{path.name}: not a readable safetensors file, it may be damaged or incomplete ({err})"
@@ -282,7 +290,7 @@ def load_torch_checkpoint(path: Path, refusal: str) -> Any:
         raise ModelFileError(f"{path.name}: not a readable checkpoint, it may be damaged ({err})") from None
 
 
-def _not_a_checkpoint(keys: list[str]) -> str:
+def _not_a_checkpoint(keys: list[str], family: BackboneFamily) -> str:
     if any("lora" in k.lower() for k in keys):
         return "this looks like a LoRA file, not a base model; base weights are a full Stable Diffusion checkpoint"
     if any(k.startswith(("conv_in.", "down_blocks.", "encoder.down_blocks.")) for k in keys):
@@ -290,14 +298,23 @@ def _not_a_checkpoint(keys: list[str]) -> str:
             "this holds a single diffusers component (UNet or VAE), not a full checkpoint; pass the diffusers folder "
             "it came from (the one with unet/ and vae/)"
         )
-    return f"this file holds no UNet weights (no '{UNET_PREFIX}*' keys), so it is not a Stable Diffusion checkpoint"
+    return (
+        f"this file holds no UNet weights (no '{family.unet_prefix}*' keys), so it is not a Stable Diffusion "
+        "checkpoint"
+    )
 
 
-def _check_ldm_family(config: BackboneConfig, unet_state: dict[str, torch.Tensor], keys: list[str], name: str) -> None:
+def _check_ldm_family(
+    config: BackboneConfig, family: BackboneFamily, unet_state: dict[str, torch.Tensor], keys: list[str], name: str
+) -> None:
     """Name the model family before comparing hundreds of shapes: the usual mistake is SD 1.5 or SDXL."""
-    needed = _FAMILIES.get(config.unet.get("cross_attention_dim"), "another model family")
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelFileError(f"{name}: this is an SDXL checkpoint; the {config.name} backbone needs {needed}")
+    needed = _CHECKPOINT_KINDS.get(config.unet.get("cross_attention_dim"), "another model family")
+    found = detect_family(keys)
+    if found is not None and found.name != family.name:
+        raise ModelFileError(
+            f"{name}: this is a checkpoint of the {found.checkpoint_name()} family; the {config.name} backbone "
+            f"needs {needed}"
+        )
     to_k = next((v for k, v in unet_state.items() if k.endswith("attn2.to_k.weight") and v.dim() == 2), None)
     if to_k is not None and to_k.shape[1] != config.unet.get("cross_attention_dim"):
         raise ModelFileError(
@@ -318,20 +335,3 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], what: str, config:
     if bad:
         raise ModelFileError(f"{what} has another architecture than the {config.name} backbone, e.g. {bad[:2]}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-
-
-def _single_file_text_encoder(config: BackboneConfig, state: dict[str, torch.Tensor], name: str) -> nn.Module | None:
-    if not state:
-        warnings.warn(f"{name}: no text encoder weights ('{TEXT_PREFIX}*'); prompts are unavailable", stacklevel=4)
-        return None
-    try:
-        encoder = build_open_clip_text_encoder(config.text_encoder, state, source=name)
-    except ModelFileError as err:
-        warnings.warn(f"{err}; prompts are unavailable", stacklevel=4)
-        return None
-    shape = (encoder.tokenizer.context_length, encoder.tower.token_embedding.weight.shape[1])
-    if shape != tuple(config.prompt_embed_shape):
-        needed = tuple(config.prompt_embed_shape)
-        warnings.warn(f"{name}: its text encoder gives {shape} embeddings, the backbone needs {needed}", stacklevel=4)
-        return None
-    return encoder

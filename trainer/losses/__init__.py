@@ -1,29 +1,51 @@
-"""The trainer's losses, one module each; every loss is an ``nn.Module`` returning an unweighted
-scalar (ESS returns its two terms), and the stages multiply by the weights of the YAML config."""
+"""The student's losses, one module each: ``<key>.py`` holds the config of the YAML section
+``losses.<key>``, the loss itself (an ``nn.Module`` returning an unweighted scalar) and its
+registered ``StudentLoss``, which builds it for a run and gives its weighted terms (see ``registry``).
+"""
 
-from .adversarial import AdversarialLoss, discriminator_loss, generator_loss
-from .diffloss import DiffLoss
+# isort: skip_file
+# The loss modules, in the order the student stage builds their losses and adds up their terms
+# (each registers on import). Building may draw random numbers, so the order is part of what a
+# config trains: a new loss module is imported last. test_losses checks the order.
+from .reconstruction import ReconstructionLoss, ReconstructionLossConfig, reconstruction_loss
+from .hfp import HFPLoss, HFPLossConfig, hfp_loss, laplacian_bands, wavelet_bands
+from .sr_teacher import SRTeacher, SRTeacherLossConfig, load_sr_teacher
+from .semantic import SemanticLoss, SemanticLossConfig, load_semantic_model
+from .regression import RegressionLossConfig, TeacherRegressionLoss
+from .vsd import VSDLoss, VSDLossConfig, vsd_target
+from .diffloss import DiffLoss, DiffLossConfig
+from .adversarial import AdversarialLoss, AdversarialLossConfig, discriminator_loss, generator_loss
+
 from .discriminators import FeatureHeads, UNetDiscriminator
-from .hfp import HFPLoss, hfp_loss, laplacian_bands, wavelet_bands
 from .lpips import LPIPS, load_lpips
-from .reconstruction import ReconstructionLoss, reconstruction_loss
-from .regression import TeacherRegressionLoss
-from .semantic import SemanticLoss, load_semantic_model
-from .sr_teacher import SRTeacher, load_sr_teacher
-from .vsd import VSDLoss, vsd_target
+from .registry import LOSSES, LossContext, LossesConfig, StudentLoss, StudentStep, build_losses
 
 __all__ = [
+    "LOSSES",
+    "LPIPS",
     "AdversarialLoss",
+    "AdversarialLossConfig",
     "DiffLoss",
+    "DiffLossConfig",
     "FeatureHeads",
     "HFPLoss",
-    "LPIPS",
+    "HFPLossConfig",
+    "LossContext",
+    "LossesConfig",
     "ReconstructionLoss",
+    "ReconstructionLossConfig",
+    "RegressionLossConfig",
     "SRTeacher",
+    "SRTeacherLossConfig",
     "SemanticLoss",
+    "SemanticLossConfig",
+    "StudentLoss",
+    "StudentStep",
     "TeacherRegressionLoss",
     "UNetDiscriminator",
     "VSDLoss",
+    "VSDLossConfig",
+    "build_losses",
     "discriminator_loss",
     "generator_loss",
     "hfp_loss",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,10 +18,27 @@ from torch import nn
 
 from ..diffusion import LatentDiffusion, capture_outputs, random_timesteps
 from .discriminators import FeatureHeads, UNetDiscriminator
+from .registry import LossConfig, LossContext, Optimize, OwnModel, StudentLoss, StudentStep, Terms, at_least, timestep
 
-__all__ = ["AdversarialLoss", "discriminator_loss", "generator_loss"]
+__all__ = ["AdversarialLoss", "AdversarialLossConfig", "AdversarialTerm", "discriminator_loss", "generator_loss"]
 
 Objective = Literal["hinge", "non_saturating"]
+Discriminator = Literal["pixel_unet", "prior_features"]
+
+
+@dataclass
+class AdversarialLossConfig(LossConfig):
+    weight: float = 0.0
+    discriminator: Discriminator = "pixel_unet"
+    """A spectral-norm U-Net on pixels, or light heads on the frozen prior UNet's features."""
+    loss: Objective = "hinge"
+    start_step: int = 0
+    """Warm-up: the discriminator and its loss switch on at this step."""
+    lr: float = 1e-4
+    channels: int = at_least(4, 32)
+    t_min: int = timestep(0)
+    t_max: int = timestep(500)
+    """Noise levels at which the prior's features are taken (prior_features only)."""
 
 
 def _mean(logits: list[torch.Tensor], fn) -> torch.Tensor:
@@ -63,7 +81,7 @@ class AdversarialLoss(nn.Module):
 
     def __init__(
         self,
-        discriminator: Literal["pixel_unet", "prior_features"] = "pixel_unet",
+        discriminator: Discriminator = "pixel_unet",
         kind: Objective = "hinge",
         channels: int = 32,
         prior: LatentDiffusion | None = None,
@@ -123,3 +141,33 @@ class AdversarialLoss(nn.Module):
         with capture_outputs([*unet.down_blocks, unet.mid_block]) as feats:
             self.prior.predict(self.prior.add_noise(latent, noise, t), t, z_lr)
         return list(feats)
+
+
+class AdversarialTerm(StudentLoss, key="adversarial", config=AdversarialLossConfig):
+    """The generator term from ``start_step`` on; the discriminator's step follows the student's,
+    against HR or the SR teacher's output (``losses.sr_teacher.gan_target``)."""
+
+    config: AdversarialLossConfig
+
+    def __init__(self, config: AdversarialLossConfig, ctx: LossContext) -> None:
+        super().__init__(config, ctx)
+        prior = ctx.need_prior("the prior_features discriminator") if config.discriminator == "prior_features" else None
+        self.loss = AdversarialLoss(config.discriminator, config.loss, config.channels, prior, config.t_min,
+                                    config.t_max).to(ctx.device)  # fmt: skip
+
+    def terms(self, s: StudentStep) -> Terms:
+        if s.step < self.config.start_step:
+            return {}
+        return {"gan_g": (self.config.weight, self.loss.generator_loss(s.sr, s.z_sr, s.z_lr_prior, s.generator))}
+
+    def own_model(self) -> OwnModel:
+        params = list(self.loss.discriminator.parameters())
+        return OwnModel("discriminator", self.loss, "discriminator", params, self.config.lr)
+
+    def after_step(self, s: StudentStep, optimize: Optimize) -> dict[str, float]:
+        if s.step < self.config.start_step:
+            return {}
+        real = s.target(self.key)
+        z_real = s.prior_latent(real) if self.loss.prior is not None else None
+        d_loss = self.loss.discriminator_loss(s.sr.detach(), real, s.z_sr.detach(), z_real, s.z_lr_prior, s.generator)
+        return {"gan_d": optimize("discriminator", d_loss)}

@@ -8,13 +8,27 @@ UNet into the SR latent (and so into the student). Only the HR branch is a fixed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion import LatentDiffusion, capture_outputs, random_timesteps
+from .registry import LossConfig, LossContext, StudentLoss, StudentStep, Terms, timestep
 
-__all__ = ["DiffLoss"]
+__all__ = ["DiffLoss", "DiffLossConfig", "DiffLossTerm"]
+
+
+@dataclass
+class DiffLossConfig(LossConfig):
+    """A frozen diffusion UNet as a constraint: SR and HR noised alike must look alike to it."""
+
+    weight: float = 0.0
+    t_min: int = timestep(50)
+    t_max: int = timestep(500)
+    feature_weight: float = 1.0
+    """Relative weight of the mid-block features against the noise predictions."""
 
 
 class DiffLoss(nn.Module):
@@ -40,3 +54,14 @@ class DiffLoss(nn.Module):
             eps_hr, mid_hr = self._eps_and_mid(self.prior.add_noise(z_hr, noise, t), t, z_lr)
         loss = F.mse_loss(eps_sr.float(), eps_hr.float())
         return loss + self.feature_weight * F.mse_loss(mid_sr.float(), mid_hr.float())
+
+
+class DiffLossTerm(StudentLoss, key="diffloss", config=DiffLossConfig):
+    config: DiffLossConfig
+
+    def __init__(self, config: DiffLossConfig, ctx: LossContext) -> None:
+        super().__init__(config, ctx)
+        self.loss = DiffLoss(ctx.need_prior("losses.diffloss"), config.t_min, config.t_max, config.feature_weight)
+
+    def terms(self, s: StudentStep) -> Terms:
+        return {"diffloss": (self.config.weight, self.loss(s.z_sr, s.z_hr, s.z_lr_prior, s.generator))}

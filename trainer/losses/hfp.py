@@ -17,6 +17,7 @@ demanding its exact phase.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,9 +27,37 @@ from torch import nn
 
 from vpdsr.semantics import SemanticModel
 
-__all__ = ["HFPLoss", "band_energy_loss", "hfp_loss", "laplacian_bands", "split_bands", "wavelet_bands"]
+from .registry import LossConfig, LossContext, StudentLoss, StudentStep, Terms, at_least
+from .weights_io import clip_judge
+
+__all__ = [
+    "HFPLoss",
+    "HFPLossConfig",
+    "HFPTerm",
+    "band_energy_loss",
+    "hfp_loss",
+    "laplacian_bands",
+    "split_bands",
+    "wavelet_bands",
+]
 
 Bands = Literal["laplacian", "wavelet", "both"]
+
+
+@dataclass
+class HFPLossConfig(LossConfig):
+    """High-frequency perception: SR vs HR on high-frequency bands."""
+
+    weight: float = 0.0
+    bands: Bands = "laplacian"
+    levels: int = at_least(1, 3)
+    clip_weight: float = 0.0
+    """Cosine loss on CLIP embeddings of the high-pass images (needs clip.path)."""
+    energy_weight: float = at_least(0, 0.0)
+    """L1 on the local RMS of the same bands: asks for detail of the right strength without its
+    exact phase, which band L1 alone punishes into blur."""
+    energy_window: int = at_least(1, 8)
+    """Side in pixels of the windows the band RMS is taken over."""
 
 
 def _check(x: torch.Tensor, levels: int) -> None:
@@ -144,3 +173,18 @@ class HFPLoss(nn.Module):
             cos = (self.semantic.encode_images(hp_sr) * target).sum(dim=-1)
             loss = loss + self.clip_weight * (1 - cos).mean()
         return loss
+
+
+class HFPTerm(StudentLoss, key="hfp", config=HFPLossConfig):
+    """SR's bands against the target's: HR, or the SR teacher's output (``losses.sr_teacher.hfp_target``)."""
+
+    config: HFPLossConfig
+
+    def __init__(self, config: HFPLossConfig, ctx: LossContext) -> None:
+        super().__init__(config, ctx)
+        judge = clip_judge(ctx, "losses.hfp.clip_weight") if config.clip_weight > 0 else None
+        self.loss = HFPLoss(config.bands, config.levels, judge, config.clip_weight,
+                            energy_weight=config.energy_weight, energy_window=config.energy_window)  # fmt: skip
+
+    def terms(self, s: StudentStep) -> Terms:
+        return {"hfp": (self.config.weight, self.loss(s.sr, s.target(self.key)))}

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ReconstructionLoss", "reconstruction_loss"]
+from .lpips import load_lpips
+from .registry import LossConfig, LossContext, StudentLoss, StudentStep, Terms
+
+__all__ = ["ReconstructionLoss", "ReconstructionLossConfig", "ReconstructionTerm", "reconstruction_loss"]
+
+
+@dataclass
+class ReconstructionLossConfig(LossConfig):
+    weight: float = 1.0
+    kind: Literal["l1", "mse"] = "l1"
+    lpips_weight: float = 0.0
+    lpips_vgg_path: str | None = None
+    """torchvision VGG16 weights file; LPIPS is never downloaded."""
+    lpips_lin_path: str | None = None
+    """LPIPS linear-layer weights (the ``vgg.pth`` of the lpips package, v0.1)."""
 
 
 def reconstruction_loss(sr: torch.Tensor, hr: torch.Tensor, kind: Literal["l1", "mse"] = "l1") -> torch.Tensor:
@@ -29,3 +44,26 @@ class ReconstructionLoss(nn.Module):
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         return reconstruction_loss(sr, hr, self.kind)
+
+
+class ReconstructionTerm(StudentLoss, key="reconstruction", config=ReconstructionLossConfig):
+    """Pixel L1 or MSE against HR, plus LPIPS when it has a weight."""
+
+    config: ReconstructionLossConfig
+
+    def __init__(self, config: ReconstructionLossConfig, ctx: LossContext) -> None:
+        super().__init__(config, ctx)
+        self.pixel = ReconstructionLoss(config.kind)
+        self.lpips = None
+        if config.lpips_weight > 0:
+            self.lpips = load_lpips(config.lpips_vgg_path, config.lpips_lin_path).to(ctx.device)
+
+    @classmethod
+    def enabled(cls, config: ReconstructionLossConfig) -> bool:
+        return True  # the fidelity anchor: "rec" is computed and logged at any weight
+
+    def terms(self, s: StudentStep) -> Terms:
+        terms = {"rec": (self.config.weight, self.pixel(s.sr, s.hr))}
+        if self.lpips is not None:
+            terms["lpips"] = (self.config.lpips_weight, self.lpips(s.sr, s.hr).mean())
+        return terms

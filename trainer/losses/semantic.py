@@ -8,23 +8,27 @@ tiny random CLIP only to check the plumbing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from vpdsr.errors import ModelFileError
-from vpdsr.semantics import SemanticModel, load_tags
+from vpdsr.semantics import SemanticModel
 
-__all__ = ["SemanticLoss", "load_semantic_model"]
+from .registry import LossConfig, LossContext, StudentLoss, StudentStep, Terms
+from .weights_io import clip_judge, load_semantic_model
+
+__all__ = ["SemanticLoss", "SemanticLossConfig", "SemanticTerm", "load_semantic_model"]
 
 
-def load_semantic_model(path: str | None, config: str | None, tags: str | None, purpose: str) -> SemanticModel:
-    """The frozen CLIP judge from a local checkpoint; a clear error when none is configured."""
-    if not path:
-        raise ModelFileError(
-            f"{purpose} needs a real CLIP checkpoint: set clip.path to a local OpenCLIP file "
-            "(and clip.config to its architecture for plain checkpoints, e.g. ViT-B-32), or switch it off"
-        )
-    return SemanticModel.from_file(path, config=config, tags=load_tags(tags) if tags else None)
+@dataclass
+class SemanticLossConfig(LossConfig):
+    """ESS: CLIP embeddings and zero-shot tags of SR pulled towards HR's (needs clip.path)."""
+
+    weight: float = 0.0
+    """Weight of 1 - cos(SR, HR) embeddings."""
+    kl_weight: float = 0.0
+    """Weight of KL(HR tags || SR tags)."""
 
 
 class SemanticLoss(nn.Module):
@@ -37,3 +41,19 @@ class SemanticLoss(nn.Module):
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = self.semantic.semantic_loss((sr.float() + 1) / 2, (hr.float() + 1) / 2)
         return {"cosine": terms.cosine, "kl": terms.kl}
+
+
+class SemanticTerm(StudentLoss, key="semantic", config=SemanticLossConfig):
+    config: SemanticLossConfig
+
+    def __init__(self, config: SemanticLossConfig, ctx: LossContext) -> None:
+        super().__init__(config, ctx)
+        self.loss = SemanticLoss(clip_judge(ctx, "the ESS loss (losses.semantic)"))
+
+    @classmethod
+    def enabled(cls, config: SemanticLossConfig) -> bool:
+        return config.weight > 0 or config.kl_weight > 0
+
+    def terms(self, s: StudentStep) -> Terms:
+        ess = self.loss(s.sr, s.hr)
+        return {"ess_cos": (self.config.weight, ess["cosine"]), "ess_kl": (self.config.kl_weight, ess["kl"])}

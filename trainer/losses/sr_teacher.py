@@ -16,15 +16,32 @@ a resumed or repeated run reads the same targets.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config_loading import ConfigError
+from ..images import to_signed
+from .reconstruction import ReconstructionLoss
+from .registry import LossConfig, LossContext, StudentLoss, StudentStep, Terms
 
-__all__ = ["SRTeacher", "load_sr_teacher"]
+__all__ = ["SRTeacher", "SRTeacherLossConfig", "SRTeacherTerm", "load_sr_teacher"]
+
+
+@dataclass
+class SRTeacherLossConfig(LossConfig):
+    """Distillation onto a pretrained SR network's output for the same LR (student.sr_teacher)."""
+
+    weight: float = 0.0
+    kind: Literal["l1", "mse"] = "l1"
+    hfp_target: bool = False
+    """The HFP term compares with the teacher's output instead of the HR crop."""
+    gan_target: bool = False
+    """The discriminator takes the teacher's outputs as its "real" images instead of the HR crops."""
 
 
 def _file_digest(path: Path) -> str:
@@ -119,3 +136,50 @@ class SRTeacher(nn.Module):
                 self._store(keys[i], found[i])
             self.computed += len(missing)
         return torch.stack(found).to(lr.device, torch.float32) / 255
+
+
+class SRTeacherTerm(StudentLoss, key="sr_teacher", config=SRTeacherLossConfig):
+    """L1/MSE onto ``student.sr_teacher``'s output, which may also take HR's place as the HFP term's
+    target and as the discriminator's real images."""
+
+    config: SRTeacherLossConfig
+
+    @classmethod
+    def enabled(cls, config: SRTeacherLossConfig) -> bool:
+        return config.weight > 0 or config.hfp_target or config.gan_target
+
+    @classmethod
+    def build(cls, config: SRTeacherLossConfig, ctx: LossContext) -> SRTeacherTerm | None:
+        """Also the start-up check that the network and the options that use it come together."""
+        if ctx.cfg.student.sr_teacher is None:
+            if cls.enabled(config):
+                raise ConfigError("losses.sr_teacher needs a pretrained SR network: set student.sr_teacher")
+            return None
+        if not cls.enabled(config):
+            raise ConfigError(
+                "student.sr_teacher is set but no loss uses it: set losses.sr_teacher.weight "
+                "(or its hfp_target / gan_target)"
+            )
+        return cls(config, ctx)
+
+    def __init__(self, config: SRTeacherLossConfig, ctx: LossContext) -> None:
+        super().__init__(config, ctx)
+        for option, loss in (("gan_target", "adversarial"), ("hfp_target", "hfp")):
+            if getattr(config, option):
+                if not ctx.enabled(loss):
+                    raise ConfigError(f"losses.sr_teacher.{option} needs losses.{loss}.weight > 0")
+                ctx.supply_target(loss, self.output)
+        sc = ctx.cfg.student
+        self.teacher = load_sr_teacher(
+            sc.sr_teacher, ctx.cfg.scale, sc.sr_teacher_cache, remember=ctx.cfg.data.fixed_batches > 0
+        ).to(ctx.device)
+        self.distill = ReconstructionLoss(config.kind)
+
+    def output(self, s: StudentStep) -> torch.Tensor:
+        """The teacher's SR of the step's LR, in [-1, 1], made once per step."""
+        return s.once(self.key, lambda: to_signed(self.teacher(s.lr)))
+
+    def terms(self, s: StudentStep) -> Terms:
+        if self.config.weight <= 0:  # on only as a target of the HFP term or the discriminator
+            return {}
+        return {"sr_teacher": (self.config.weight, self.distill(s.sr, self.output(s)))}

@@ -12,16 +12,31 @@ depend on the timestep.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpdsr.lora import UNET_TARGET_SUFFIXES, LoraSpec, add_lora, default_lora_targets
+from vpdsr.lora import LoraSpec, add_lora
 
 from ..diffusion import LatentDiffusion, random_timesteps
+from .registry import LossConfig, LossContext, Optimize, OwnModel, StudentLoss, StudentStep, Terms, at_least, timestep
 
-__all__ = ["VSDLoss", "vsd_target"]
+__all__ = ["VSDLoss", "VSDLossConfig", "VSDTerm", "vsd_target"]
+
+
+@dataclass
+class VSDLossConfig(LossConfig):
+    """Variational score distillation (OSEDiff's distribution matching)."""
+
+    weight: float = 0.0
+    guidance: float = 1.5
+    """Classifier-free guidance on the real (frozen) branch."""
+    t_min: int = timestep(20)
+    t_max: int = timestep(980)
+    fake_lr: float = 1e-4
+    fake_lora_rank: int = at_least(1, 8)
 
 
 def vsd_target(z: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -44,7 +59,7 @@ class VSDLoss(nn.Module):
         self.prior = prior
         self.guidance, self.t_min, self.t_max = guidance, t_min, t_max
         self.fake_unet = copy.deepcopy(prior.unet)
-        targets = default_lora_targets(self.fake_unet, UNET_TARGET_SUFFIXES)
+        targets = prior.family.unet_lora_targets(self.fake_unet)
         self.fake_spec = LoraSpec(part="unet", name="vsd_fake", rank=lora_rank, alpha=float(lora_rank), targets=targets)
         add_lora(self.fake_unet, self.fake_spec)
 
@@ -68,3 +83,23 @@ class VSDLoss(nn.Module):
         noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z)
         pred = self.prior.predict(self.prior.add_noise(z, noise, t), t, z_lr, unet=self.fake_unet)
         return F.mse_loss(pred.float(), self.prior.target(z, noise, t).float())
+
+
+class VSDTerm(StudentLoss, key="vsd", config=VSDLossConfig):
+    """VSD against the prior; its fake UNet's adapter takes its own step after the student's."""
+
+    config: VSDLossConfig
+
+    def __init__(self, config: VSDLossConfig, ctx: LossContext) -> None:
+        super().__init__(config, ctx)
+        prior = ctx.need_prior("losses.vsd")
+        self.loss = VSDLoss(prior, config.guidance, config.t_min, config.t_max, config.fake_lora_rank).to(ctx.device)
+
+    def terms(self, s: StudentStep) -> Terms:
+        return {"vsd": (self.config.weight, self.loss(s.z_sr, s.z_lr_prior, s.generator))}
+
+    def own_model(self) -> OwnModel:
+        return OwnModel("fake", self.loss, "fake_unet", self.loss.fake_parameters(), self.config.fake_lr)
+
+    def after_step(self, s: StudentStep, optimize: Optimize) -> dict[str, float]:
+        return {"vsd_fake": optimize("fake", self.loss.fake_loss(s.z_sr, s.z_lr_prior, s.generator))}

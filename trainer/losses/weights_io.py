@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 
 from vpdsr.errors import ModelFileError
+from vpdsr.semantics import SemanticModel, load_tags
 
-__all__ = ["read_state_dict"]
+if TYPE_CHECKING:
+    from .registry import LossContext
+
+__all__ = ["clip_judge", "load_semantic_model", "read_state_dict"]
+
+
+def load_semantic_model(path: str | None, config: str | None, tags: str | None, purpose: str) -> SemanticModel:
+    """The frozen CLIP judge from a local checkpoint; a clear error when none is configured."""
+    if not path:
+        raise ModelFileError(
+            f"{purpose} needs a real CLIP checkpoint: set clip.path to a local OpenCLIP file "
+            "(and clip.config to its architecture for plain checkpoints, e.g. ViT-B-32), or switch it off"
+        )
+    return SemanticModel.from_file(path, config=config, tags=load_tags(tags) if tags else None)
+
+
+def clip_judge(ctx: LossContext, purpose: str) -> SemanticModel:
+    """The run's frozen CLIP (``clip.path``), loaded once for every loss that judges with it;
+    ``purpose`` names the first of them in the error when there is none."""
+    clip = ctx.cfg.clip
+    return ctx.shared("clip", lambda: load_semantic_model(clip.path, clip.config, clip.tags, purpose).to(ctx.device))
 
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ unwrapped modules, so their keys do not depend on the number of processes.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from vpdsr.backbones import BackboneConfig, backbone_config
+from vpdsr.errors import DownloadNotAllowed, MissingBaseError
 
 from ..config import TrainConfig
 from ..config_loading import ConfigError
@@ -45,27 +45,24 @@ class NonFiniteLoss(RuntimeError):
 
 
 def resolve_backbone(name_or_path: str) -> BackboneConfig:
-    """A bundled backbone name, or a JSON file with a backbone config."""
-    if name_or_path.endswith(".json"):
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ConfigError(f"backbone config file not found: {path}")
-        return backbone_config(json.loads(path.read_text(encoding="utf-8")))
+    """A bundled backbone name, or a JSON file with a backbone config (read by the core, as
+    ``vpdsr convert-osediff --backbone`` reads it)."""
     return backbone_config(name_or_path)
 
 
 def load_base_weights(config: BackboneConfig, path: str | None, option: str) -> Any:
-    """The user's base weights (VAE, UNet, text encoder) for SD-family backbones; never downloaded."""
-    if not path:
-        raise ConfigError(
-            f"the {config.name} backbone needs its base weights: "
-            f"set {option} to a diffusers folder or a .safetensors checkpoint"
-        )
+    """The user's base weights (VAE, UNet, text encoder) for SD-family backbones; never downloaded.
+
+    The core says what is missing; the trainer adds the config key that sets it (``option``, e.g.
+    ``student.base``), as each front-end words the core's errors in its own settings.
+    """
+    from vpdsr.weights import load_base
+
+    hints = {MissingBaseError: f"set {option} to one", DownloadNotAllowed: f"{option}: the trainer downloads nothing"}
     try:
-        from vpdsr.weights import load_base
-    except ImportError:
-        raise ConfigError("this version of vpdsr cannot load base weights (vpdsr.weights is missing)") from None
-    return load_base(config, path, allow_download=False)
+        return load_base(config, path, allow_download=False)
+    except (MissingBaseError, DownloadNotAllowed) as err:
+        raise ConfigError(str(err.worded(hints))) from None
 
 
 def prompt_embedding(config: BackboneConfig, text_encoder: Any, prompt: str) -> torch.Tensor:

@@ -7,14 +7,17 @@ untrained student already approximate the teacher's first, t=999, step) or from 
 ``student.train_vae_decoder`` (tiny backbone), so the student's latents stay in the latent space
 the frozen prior scores.
 
-Each step: the student makes SR from the bicubic-upscaled LR; the weighted losses of
-``cfg.losses`` update it; then VSD's fake model and the discriminator take their own steps.
+Each step: the student makes SR from the bicubic-upscaled LR; the enabled losses of ``cfg.losses``
+(``trainer.losses``, one registered class each) give the weighted terms that update it; then the
+models some losses train themselves (VSD's fake UNet, the discriminator) take their own steps.
+Validation runs the student through ``VPDPipeline``, the inference path itself.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,35 +27,18 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from vpdsr.color import apply_color_fix
-from vpdsr.lora import (
-    UNET_TARGET_SUFFIXES,
-    VAE_ENCODER_TARGET_SUFFIXES,
-    LoraSpec,
-    add_lora,
-    default_lora_targets,
-    merge_lora,
-)
+from vpdsr.lora import LoraSpec, add_lora, merge_lora
 from vpdsr.backbones import BackboneConfig, build_backbone
 from vpdsr.errors import ModelFileError
 from vpdsr.model import OneStepStudent
-from vpdsr.modelfile import load_student, save_student
+from vpdsr.modelfile import StudentMeta, load_student, save_student
+from vpdsr.pipeline import VPDPipeline
 
 from ..config import TrainConfig
 from ..config_loading import ConfigError
 from ..diffusion import LatentDiffusion
-from ..images import bicubic_up, pad_to_multiple, psnr_ssim, to_signed, to_unit
-from ..losses import (
-    AdversarialLoss,
-    DiffLoss,
-    HFPLoss,
-    ReconstructionLoss,
-    SemanticLoss,
-    TeacherRegressionLoss,
-    VSDLoss,
-    load_lpips,
-    load_semantic_model,
-    load_sr_teacher,
-)
+from ..images import bicubic_up, psnr_ssim, to_signed
+from ..losses import LossContext, StudentStep, build_losses
 from ..teacher_file import load_teacher
 from .base import Stage, ValBatch, load_base_weights, prompt_embedding, resolve_backbone
 
@@ -82,8 +68,10 @@ def init_from_teacher(teacher: LatentDiffusion) -> tuple[nn.Module, UNet2DCondit
     return vae, unet
 
 
-def init_from_student(path: str | None, config: BackboneConfig) -> tuple[nn.Module, UNet2DConditionModel, torch.Tensor]:
-    """The VAE, UNet and conditioning of a student file, in parts built for ``config``.
+def init_from_student(
+    path: str | None, config: BackboneConfig
+) -> tuple[nn.Module, UNet2DConditionModel, torch.Tensor, dict[str, torch.Tensor]]:
+    """The VAE, UNet, conditioning and the family's extra conditioning of a student file, in parts built for ``config``.
 
     The file's backbone may lack only the config's refiner (``vpdsr.refiner``), which then keeps
     its zero start, so training begins from the file's exact output.
@@ -106,18 +94,25 @@ def init_from_student(path: str | None, config: BackboneConfig) -> tuple[nn.Modu
     if unexpected or any(not k.startswith("refiner.") for k in missing):
         raise ConfigError(f"student.init_student {path}: its VAE weights do not fit {config.name}")
     parts.unet.load_state_dict(source.unet.state_dict())
-    return parts.vae, parts.unet, source.prompt_embeds.detach().clone()
+    extras = {name: t.detach().clone() for name, t in source.extra_embeds.items()}
+    return parts.vae, parts.unet, source.prompt_embeds.detach().clone(), extras
+
+
+def _architecture(config: BackboneConfig) -> dict[str, Any]:
+    """The config without its description: prose may be corrected later, and teacher files store the
+    config they were trained with, so only what the weights depend on must match."""
+    return {k: v for k, v in config.to_dict().items() if k != "description"}
 
 
 class StudentStage(Stage):
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
         super().__init__(cfg, accelerator)
-        sc, losses = cfg.student, cfg.losses
+        sc = cfg.student
         config = resolve_backbone(cfg.backbone)
         teacher = base = None
         if sc.teacher:
             teacher, _ = load_teacher(sc.teacher)
-            if teacher.config.to_dict() != config.to_dict():
+            if _architecture(teacher.config) != _architecture(config):
                 raise ConfigError(
                     f"the teacher file {sc.teacher} was trained for another backbone ({teacher.config.name}) "
                     f"than backbone: {cfg.backbone}"
@@ -130,15 +125,22 @@ class StudentStage(Stage):
             if teacher is None:
                 raise ConfigError("student.init_from is 'teacher' but no student.teacher file is given")
             vae, unet = init_from_teacher(teacher)
-            prompt_embeds = teacher.cond.cpu()
+            prompt_embeds, extras = teacher.cond.cpu(), None
         elif sc.init_from == "student":
-            vae, unet, prompt_embeds = init_from_student(sc.init_student, config)
+            vae, unet, prompt_embeds, extras = init_from_student(sc.init_student, config)
         else:
             vae, unet = copy.deepcopy(base.vae), copy.deepcopy(base.unet)
-            prompt_embeds = prompt_embedding(config, base.text_encoder, sc.prompt)
-        self.student = OneStepStudent(vae, unet, config, timestep=sc.timestep, prompt_embeds=prompt_embeds)
+            prompt_embeds, extras = prompt_embedding(config, base.text_encoder, sc.prompt), None
+        self.student = OneStepStudent(
+            vae, unet, config, timestep=sc.timestep, prompt_embeds=prompt_embeds, extra_embeds=extras
+        )
         self.lora_specs = self._make_trainable(vae, unet)
         self.student.to(self.device)
+        meta = StudentMeta(
+            config, timestep=sc.timestep, scale=cfg.scale, prompt=sc.prompt, name=cfg.name,
+            wavelet_levels=sc.wavelet_levels,
+        )
+        self.pipeline = VPDPipeline(self.student, meta, self.device, torch.float32)  # validation's upscaler
         if cfg.optim.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             vae.enable_gradient_checkpointing()
@@ -156,7 +158,9 @@ class StudentStage(Stage):
             if frozen is not None:
                 frozen.requires_grad_(False).eval().to(self.device)
         self.prior, self.teacher = prior, teacher
-        self._build_losses(prior, teacher)
+        ctx = LossContext(cfg, self.device, prior, teacher)
+        self.losses = build_losses(ctx)
+        self.targets = ctx.targets
 
         trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
         trainable.update({f"vae.{n}": p for n, p in vae.named_parameters() if p.requires_grad})
@@ -168,16 +172,11 @@ class StudentStage(Stage):
             self.prepare_in_place(vae, "encoder")
         if self.train_decoder:
             self.prepare_in_place(vae, "decoder")
-        if self.vsd is not None:
-            self.saved_modules["fake"] = self.vsd.fake_unet
-            self.add_optimizer("fake", self.vsd.fake_parameters(), losses.vsd.fake_lr)
-            self.prepare_in_place(self.vsd, "fake_unet")
-        if self.adversarial is not None:
-            self.saved_modules["discriminator"] = self.adversarial.discriminator
-            self.add_optimizer(
-                "discriminator", list(self.adversarial.discriminator.parameters()), losses.adversarial.lr
-            )
-            self.prepare_in_place(self.adversarial, "discriminator")
+        self.own_models = [own for own in (loss.own_model() for loss in self.losses) if own is not None]
+        for own in self.own_models:  # VSD's fake UNet, the discriminator
+            self.saved_modules[own.name] = own.module
+            self.add_optimizer(own.name, own.params, own.lr)
+            self.prepare_in_place(own.owner, own.attr)
 
     # ------------------------------------------------------------------ set-up
 
@@ -190,12 +189,12 @@ class StudentStage(Stage):
         specs = []
         if sc.lora_rank > 0:
             alpha = sc.lora_alpha or float(sc.lora_rank)
-            suffixes = tuple(s for s in UNET_TARGET_SUFFIXES if s != "conv_in")
-            specs.append(LoraSpec("unet", "student", sc.lora_rank, alpha, default_lora_targets(unet, suffixes)))
+            targets = self.student.family.unet_lora_targets(unet, include_conv_in=False)  # conv_in trains in full
+            specs.append(LoraSpec("unet", "student", sc.lora_rank, alpha, targets))
             add_lora(unet, specs[-1])
             unet.conv_in.requires_grad_(True)
             if sc.train_vae_encoder:
-                targets = default_lora_targets(vae, VAE_ENCODER_TARGET_SUFFIXES, prefix="encoder")
+                targets = self.student.family.vae_lora_targets(vae)
                 specs.append(LoraSpec("vae", "student_encoder", sc.lora_rank, alpha, targets))
                 add_lora(vae, specs[-1])
         else:
@@ -208,99 +207,12 @@ class StudentStage(Stage):
             self.student.refiner.requires_grad_(True)
         return specs
 
-    def _build_losses(self, prior: LatentDiffusion | None, teacher: LatentDiffusion | None) -> None:
-        lc = self.cfg.losses
-
-        def need_prior(what: str) -> LatentDiffusion:
-            if prior is None:
-                raise ConfigError(
-                    f"{what} needs a frozen diffusion prior: "
-                    "set student.teacher (prior: teacher) or student.base (prior: base)"
-                )
-            return prior
-
-        self.reconstruction = ReconstructionLoss(lc.reconstruction.kind)
-        self.lpips = None
-        if lc.reconstruction.lpips_weight > 0:
-            self.lpips = load_lpips(lc.reconstruction.lpips_vgg_path, lc.reconstruction.lpips_lin_path).to(self.device)
-        semantic = None
-        if lc.semantic.weight > 0 or lc.semantic.kl_weight > 0 or lc.hfp.clip_weight > 0:
-            what = (
-                "the ESS loss (losses.semantic)"
-                if lc.semantic.weight > 0 or lc.semantic.kl_weight > 0
-                else "losses.hfp.clip_weight"
-            )
-            semantic = load_semantic_model(self.cfg.clip.path, self.cfg.clip.config, self.cfg.clip.tags, what).to(
-                self.device
-            )
-        self.semantic = (
-            SemanticLoss(semantic)
-            if semantic is not None and (lc.semantic.weight > 0 or lc.semantic.kl_weight > 0)
-            else None
-        )
-        h = lc.hfp
-        self.hfp = (
-            HFPLoss(
-                h.bands, h.levels, semantic, h.clip_weight, energy_weight=h.energy_weight, energy_window=h.energy_window
-            )
-            if h.weight > 0
-            else None
-        )
-        self._build_sr_teacher()
-        self.regression = None
-        if lc.regression.weight > 0:
-            if teacher is None:
-                raise ConfigError("losses.regression needs a multi-step SR teacher: set student.teacher")
-            self.regression = TeacherRegressionLoss(teacher, lc.regression.steps, lc.regression.guidance)
-        self.vsd = None
-        if lc.vsd.weight > 0:
-            v = lc.vsd
-            self.vsd = VSDLoss(need_prior("losses.vsd"), v.guidance, v.t_min, v.t_max, v.fake_lora_rank).to(self.device)
-        self.diffloss = None
-        if lc.diffloss.weight > 0:
-            d = lc.diffloss
-            self.diffloss = DiffLoss(need_prior("losses.diffloss"), d.t_min, d.t_max, d.feature_weight)
-        self.adversarial = None
-        if lc.adversarial.weight > 0:
-            a = lc.adversarial
-            feature_prior = (
-                need_prior("the prior_features discriminator") if a.discriminator == "prior_features" else None
-            )
-            self.adversarial = AdversarialLoss(a.discriminator, a.loss, a.channels, feature_prior, a.t_min, a.t_max).to(
-                self.device
-            )
-
-    def _build_sr_teacher(self) -> None:
-        """The pretrained SR network of ``student.sr_teacher``, and which terms it serves."""
-        sc, st = self.cfg.student, self.cfg.losses.sr_teacher
-        uses = st.weight > 0 or st.hfp_target or st.gan_target
-        self.sr_teacher = None
-        if sc.sr_teacher is None:
-            if uses:
-                raise ConfigError("losses.sr_teacher needs a pretrained SR network: set student.sr_teacher")
-            return
-        if not uses:
-            raise ConfigError(
-                "student.sr_teacher is set but no loss uses it: set losses.sr_teacher.weight "
-                "(or its hfp_target / gan_target)"
-            )
-        if st.gan_target and self.cfg.losses.adversarial.weight <= 0:
-            raise ConfigError("losses.sr_teacher.gan_target needs losses.adversarial.weight > 0")
-        if st.hfp_target and self.cfg.losses.hfp.weight <= 0:
-            raise ConfigError("losses.sr_teacher.hfp_target needs losses.hfp.weight > 0")
-        self.sr_teacher = load_sr_teacher(
-            sc.sr_teacher, self.cfg.scale, sc.sr_teacher_cache, remember=self.cfg.data.fixed_batches > 0
-        ).to(self.device)
-        self.sr_distill = ReconstructionLoss(st.kind)
-
     # ------------------------------------------------------------------ training
 
     def train(self, mode: bool = True) -> None:
         self.student.train(mode)
-        if self.adversarial is not None:
-            self.adversarial.discriminator.train(mode)
-        if self.vsd is not None:
-            self.vsd.fake_unet.train(mode)
+        for own in self.own_models:
+            own.module.train(mode)
 
     def _student_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
@@ -309,82 +221,48 @@ class StudentStage(Stage):
         return self.student.refine(self.student.decode(z_sr), x), z_sr
 
     def train_step(self, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator) -> dict[str, float]:
-        lc = self.cfg.losses
         self.train(True)
         hr = to_signed(batch["hr"])
         lr_up = to_signed(bicubic_up(batch["lr"], hr.shape[-2:]))
         sr, z_sr = self._student_forward(lr_up)
-        sr = apply_color_fix(sr, lr_up, self.cfg.student.color_fix)
-        st = lc.sr_teacher
-        teacher_sr = to_signed(self.sr_teacher(batch["lr"])) if self.sr_teacher is not None else None
-        hfp_target = teacher_sr if st.hfp_target else hr
-        gan_real = teacher_sr if st.gan_target else hr
-        with torch.no_grad():
-            z_lr_prior = self.prior.encode(lr_up) if self.prior is not None and self.prior.lr_conditioned else None
-            z_lr_teacher = (
-                z_lr_prior if self.teacher is self.prior else (self.teacher.encode(lr_up) if self.regression else None)
-            )
-            need_hr_latent = self.diffloss is not None or (
-                self.adversarial is not None and self.adversarial.prior is not None
-            )
-            z_hr = self.prior.encode(hr) if need_hr_latent else None
-            z_real = self.prior.encode(gan_real) if st.gan_target and need_hr_latent else z_hr
-        adversarial_on = self.adversarial is not None and step >= lc.adversarial.start_step
-
-        terms: dict[str, tuple[float, torch.Tensor]] = {"rec": (lc.reconstruction.weight, self.reconstruction(sr, hr))}
-        if self.lpips is not None:
-            terms["lpips"] = (lc.reconstruction.lpips_weight, self.lpips(sr, hr).mean())
-        if self.hfp is not None:
-            terms["hfp"] = (lc.hfp.weight, self.hfp(sr, hfp_target))
-        if teacher_sr is not None and st.weight > 0:
-            terms["sr_teacher"] = (st.weight, self.sr_distill(sr, teacher_sr))
-        if self.semantic is not None:
-            ess = self.semantic(sr, hr)
-            terms["ess_cos"] = (lc.semantic.weight, ess["cosine"])
-            terms["ess_kl"] = (lc.semantic.kl_weight, ess["kl"])
-        if self.regression is not None:
-            terms["regression"] = (lc.regression.weight, self.regression(z_sr, z_lr_teacher, generator))
-        if self.vsd is not None:
-            terms["vsd"] = (lc.vsd.weight, self.vsd(z_sr, z_lr_prior, generator))
-        if self.diffloss is not None:
-            terms["diffloss"] = (lc.diffloss.weight, self.diffloss(z_sr, z_hr, z_lr_prior, generator))
-        if adversarial_on:
-            terms["gan_g"] = (lc.adversarial.weight, self.adversarial.generator_loss(sr, z_sr, z_lr_prior, generator))
-        loss = sum(w * value for w, value in terms.values())
+        sr = apply_color_fix(sr, lr_up, self.cfg.student.color_fix, self.cfg.student.wavelet_levels)
+        s = StudentStep(step=step, generator=generator, hr=hr, lr=batch["lr"], lr_up=lr_up, sr=sr, z_sr=z_sr,
+                        prior=self.prior, teacher=self.teacher, targets=self.targets)  # fmt: skip
+        terms = {name: term for loss in self.losses for name, term in loss.terms(s).items()}
+        loss = sum(weight * value for weight, value in terms.values())
         logs = {name: float(value.detach()) for name, (_, value) in terms.items()}
         logs["loss"] = self.optimize("student", loss)
-        if self.vsd is not None:
-            logs["vsd_fake"] = self.optimize("fake", self.vsd.fake_loss(z_sr, z_lr_prior, generator))
-        if adversarial_on:
-            d_loss = self.adversarial.discriminator_loss(
-                sr.detach(), gan_real, z_sr.detach(), z_real, z_lr_prior, generator
-            )
-            logs["gan_d"] = self.optimize("discriminator", d_loss)
+        for each in self.losses:  # the models the losses train themselves, after the student
+            logs.update(each.after_step(s, self.optimize))
         logs["lr"] = self.schedulers["student"].get_last_lr()[0]
         return logs
 
     # ------------------------------------------------------------------ validation and export
 
-    @property
-    def multiple(self) -> int:
-        return self.student.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @torch.no_grad()
-    def upscale(self, lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """SR in [0, 1] for LR in [0, 1], exactly the path training takes (no tiling)."""
-        x = pad_to_multiple(to_signed(bicubic_up(lr, size)), self.multiple)
-        sr, _ = self._student_forward(x)
-        sr = apply_color_fix(sr, x, self.cfg.student.color_fix)
-        return to_unit(sr[..., : size[0], : size[1]])
+    @contextmanager
+    def _unwrapped(self) -> Iterator[None]:
+        """The student's prepared parts as the plain modules they wrap, for the pipeline, which runs
+        their layers one by one (a DDP wrapper has only ``forward``); the wrappers are put back after."""
+        parts = [(self.student, "unet"), (self.vae, "encoder"), (self.vae, "decoder")]
+        wrapped = [getattr(owner, attr) for owner, attr in parts]
+        for (owner, attr), module in zip(parts, wrapped, strict=True):
+            setattr(owner, attr, self.acc.unwrap_model(module))
+        try:
+            yield
+        finally:
+            for (owner, attr), module in zip(parts, wrapped, strict=True):
+                setattr(owner, attr, module)
 
     @torch.no_grad()
     def validate(self, batches: list[ValBatch], step: int) -> tuple[dict[str, float], list[list[torch.Tensor]]]:
+        """PSNR/SSIM and sample rows of the student run as users run it: through ``VPDPipeline``,
+        tiled as it tiles and with its colour fix, so the inference path exists once."""
         self.train(False)
         psnrs, ssims, rows = [], [], []
-        with self.ema.applied() if self.ema is not None else nullcontext():
+        with self.ema.applied() if self.ema is not None else nullcontext(), self._unwrapped():
             for batch in batches:
-                hr, lr = batch["hr"].to(self.device), batch["lr"].to(self.device)
-                sr = self.upscale(lr, hr.shape[-2:])
+                hr, lr = batch["hr"].cpu(), batch["lr"].cpu()
+                sr = self.pipeline(lr, color_fix=self.cfg.student.color_fix)
                 p, s = psnr_ssim(sr, hr)
                 psnrs.append(p)
                 ssims.append(s)
@@ -413,6 +291,7 @@ class StudentStage(Stage):
             prompt=self.cfg.student.prompt,
             name=self.cfg.name,
             training_info=self.training_info(self.cfg.optim.steps),
+            wavelet_levels=self.cfg.student.wavelet_levels,
         )
 
     def training_info(self, step: int) -> dict[str, Any]:

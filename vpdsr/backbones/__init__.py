@@ -3,13 +3,20 @@
 The configs live as JSON beside this file so that nothing is ever fetched from a hub: a
 backbone is fully described by its JSON, which is also copied into every model file so a
 student stays loadable even if we change the bundled files later.
+
+Each config names its *family* (``"family"``, ``"sd2"`` when absent, as in every file written
+before families existed). The family (``family.py``, one module per family, registered in
+``FAMILIES`` below) owns how the UNet is conditioned and called, the text encoder, the
+single-file checkpoint layout and the LoRA targets; see ``family.py`` for the seam.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,16 +26,27 @@ from torch import nn
 
 from ..errors import ModelFileError
 from ..refiner import build_refiner
+from .family import BackboneFamily
+from .sd2 import SD2Family
+from .sdxl import SDXLFamily
 
 __all__ = [
+    "FAMILIES",
     "Backbone",
     "BackboneConfig",
+    "BackboneFamily",
     "SmoothUpsample",
     "alphas_cumprod",
     "available_backbones",
     "backbone_config",
+    "backbone_family",
     "build_backbone",
+    "detect_family",
 ]
+
+FAMILIES: dict[str, type[BackboneFamily]] = {family.name: family for family in (SD2Family, SDXLFamily)}
+"""The backbone families by name; :func:`detect_family` tries them in this order."""
+DEFAULT_FAMILY = SD2Family.name
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class BackboneConfig:
     prompt_embed_shape: tuple[int, int]
     text_encoder: dict[str, Any] | None = None
     description: str = ""
+    family: str = DEFAULT_FAMILY
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,6 +85,7 @@ class BackboneConfig:
         data = {
             "name": self.name,
             "description": self.description,
+            "family": self.family,
             "vae": self.vae,
             "unet": self.unet,
             "scheduler": self.scheduler,
@@ -77,13 +97,16 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BackboneConfig:
-        known = {"name", "description", "vae", "unet", "scheduler", "text_encoder", "prompt_embed_shape"}
+        known = {"name", "description", "family", "vae", "unet", "scheduler", "text_encoder", "prompt_embed_shape"}
         missing = {"name", "vae", "unet", "scheduler", "prompt_embed_shape"} - data.keys()
         if missing:
             raise ModelFileError(f"backbone config lacks {sorted(missing)}")
         shape = tuple(int(v) for v in data["prompt_embed_shape"])
         if len(shape) != 2:
             raise ModelFileError(f"prompt_embed_shape must be (tokens, dim), got {shape}")
+        family = str(data.get("family", DEFAULT_FAMILY))
+        if family not in FAMILIES:
+            raise ModelFileError(f"unknown backbone family {family!r}; vpdsr knows {sorted(FAMILIES)}")
         return cls(
             name=str(data["name"]),
             vae=dict(data["vae"]),
@@ -92,6 +115,7 @@ class BackboneConfig:
             prompt_embed_shape=shape,  # type: ignore[arg-type]
             text_encoder=data.get("text_encoder"),
             description=str(data.get("description", "")),
+            family=family,
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -129,12 +153,25 @@ def available_backbones() -> list[str]:
     return sorted(f.name.removesuffix(".json") for f in files if f.name.endswith(".json"))
 
 
-def backbone_config(name_or_config: str | dict[str, Any] | BackboneConfig) -> BackboneConfig:
-    """Resolve a bundled name, a config dict (e.g. from a model file) or a config itself."""
+def backbone_config(name_or_config: str | Path | dict[str, Any] | BackboneConfig) -> BackboneConfig:
+    """Resolve a bundled name, a JSON file with a backbone config (a path ending in ``.json``: what
+    the trainer's ``backbone`` and ``vpdsr convert-osediff --backbone`` take), a config dict (e.g.
+    from a model file) or a config itself."""
     if isinstance(name_or_config, BackboneConfig):
         return name_or_config
     if isinstance(name_or_config, dict):
         return BackboneConfig.from_dict(name_or_config)
+    if isinstance(name_or_config, Path) or name_or_config.endswith(".json"):
+        path = Path(name_or_config)
+        if not path.is_file():
+            raise ModelFileError(f"backbone config file not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelFileError(f"{path.name}: not a JSON backbone config ({err})") from None
+        if not isinstance(data, dict):
+            raise ModelFileError(f"{path.name}: a backbone config is a JSON object, got {type(data).__name__}")
+        return BackboneConfig.from_dict(data)
     names = available_backbones()
     if name_or_config not in names:
         raise ModelFileError(f"unknown backbone {name_or_config!r}; bundled backbones are {names}")
@@ -147,6 +184,7 @@ def build_backbone(
 ) -> Backbone:
     """Build randomly initialised parts; ``device="meta"`` allocates nothing (for checks)."""
     config = backbone_config(name_or_config)
+    backbone_family(config)  # a config its family cannot condition fails here, not at the first UNet call
     with torch.device(device or "cpu"):
         vae = AutoencoderKL(**config.vae)
         unet = UNet2DConditionModel(**config.unet)
@@ -161,6 +199,16 @@ def build_backbone(
     elif upsample != "nearest":
         raise ModelFileError(f"vae_upsample must be 'nearest' or 'bilinear', got {upsample!r}")
     return Backbone(vae=vae, unet=unet, config=config)
+
+
+def backbone_family(config: BackboneConfig) -> BackboneFamily:
+    """The family that conditions, calls and loads this backbone (its config checked by the family)."""
+    return FAMILIES[config.family](config)
+
+
+def detect_family(keys: Collection[str]) -> type[BackboneFamily] | None:
+    """The family whose single-file checkpoint layout these keys have, or None if no family's."""
+    return next((family for family in FAMILIES.values() if family.detect(keys)), None)
 
 
 def alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
