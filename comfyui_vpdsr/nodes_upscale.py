@@ -14,8 +14,9 @@ from comfy_api.latest import io
 
 from vpdsr import VPDPipeline
 from vpdsr.color import COLOR_FIXES, DEFAULT_COLOR_FIX
-from vpdsr.errors import Cancelled, VPDError
+from vpdsr.errors import Cancelled, OutOfMemory, VPDError
 
+from .loading import HINTS
 from .nodes_load import CATEGORY
 from .sockets import VPDModel
 
@@ -94,14 +95,6 @@ class OneStepSR(io.ComfyNode):
                     tooltip="Output-pixel tile size when tiling is fixed (rounded up to the model's multiple); "
                     "unused otherwise.",
                 ),
-                io.Int.Input(
-                    "tile_overlap",
-                    default=64,
-                    min=0,
-                    max=512,
-                    step=8,
-                    tooltip="Output pixels shared by neighbouring tiles, blended so seams do not show.",
-                ),
                 io.Combo.Input(
                     "color_fix",
                     options=list(COLOR_FIXES),
@@ -135,7 +128,6 @@ class OneStepSR(io.ComfyNode):
         scale: float,
         tiling: str,
         tile_size: int,
-        tile_overlap: int,
         color_fix: str,
         prompt: str = "",
         mask: torch.Tensor | None = None,
@@ -162,7 +154,6 @@ class OneStepSR(io.ComfyNode):
                 scale=core_scale,
                 prompt=prompt.strip() or None,
                 tile=tile,
-                overlap=tile_overlap,
                 color_fix=color_fix,
                 mask=mask,
                 progress=progress,
@@ -171,6 +162,8 @@ class OneStepSR(io.ComfyNode):
         except Cancelled:
             model_management.throw_exception_if_processing_interrupted()  # ComfyUI's own "interrupted"
             raise
+        except OutOfMemory as err:
+            raise err.worded(HINTS) from None
         finally:
             vpd_model.to(model_management.unet_offload_device())
         return io.NodeOutput(bchw_to_bhwc(out))

@@ -17,18 +17,21 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 import atexit
 import shutil
 import tempfile
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
 from matplotlib.figure import Figure
 
 from gradio_app.config import DemoConfig
 from gradio_app.engine import (
+    BatchResult,
     DemoModels,
     Progress,
+    StopCheck,
     UpscaleOptions,
+    UpscaleResult,
     analyse,
     fresh_folder,
     prompt_from_image,
@@ -43,8 +46,9 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 EXAMPLES = ["nuthatch.png", "bark.png", "goldfish.png"]
 TILE_CHOICES = ["auto", "no tiling", "256", "512", "1024", "2048"]
 MODEL_JOBS = "model"  # one concurrency group for every event that runs a network
+T = TypeVar("T")
 
-# --- plain functions: one per event, bound to the demo's models and folder in build_demo --------
+# --- the events' helpers, then the events themselves (DemoEvents) -----------------------------
 
 
 def parse_tile(choice: str) -> int | None:
@@ -79,59 +83,6 @@ def progress_reporter(progress: gr.Progress) -> Progress:
     return lambda fraction, what: progress(fraction, desc=what)
 
 
-def upscale(
-    models: DemoModels,
-    workdir: Path,
-    image: Any,
-    scale: float,
-    tile: str,
-    color_fix: str,
-    prompt: str,
-    progress: gr.Progress = gr.Progress(),  # noqa: B008 - the default is how gradio hands out a progress bar
-) -> tuple[tuple[str, str], str, str]:
-    """One image -> (before, after) for the slider, the PNG to download, and sizes and time."""
-    source = upload_path(image)
-    try:
-        result = upscale_file(
-            models,
-            source,
-            options_from(scale, tile, color_fix, prompt),
-            fresh_folder(workdir),
-            progress_reporter(progress),
-        )
-    except VPDError as err:
-        raise gr.Error(str(err), print_exception=False) from None
-    return (str(result.before), str(result.output)), str(result.output), result.summary()
-
-
-def upscale_many(
-    models: DemoModels,
-    workdir: Path,
-    files: list[str] | None,
-    scale: float,
-    tile: str,
-    color_fix: str,
-    prompt: str,
-    progress: gr.Progress = gr.Progress(),  # noqa: B008
-) -> tuple[str, str]:
-    """Many images -> a zip of the results and a summary naming any file that was skipped."""
-    if not files:
-        raise gr.Error("Upload one or more images first.")
-    try:
-        batch = upscale_batch(
-            models,
-            files,
-            options_from(scale, tile, color_fix, prompt),
-            fresh_folder(workdir),
-            progress_reporter(progress),
-        )
-    except VPDError as err:
-        raise gr.Error(str(err), print_exception=False) from None
-    if batch.archive is None:
-        raise gr.Error(batch.summary(), print_exception=False)
-    return str(batch.archive), batch.summary()
-
-
 def tag_chart(report: InspectionReport) -> Figure:
     """LR and SR probabilities of every tag in either top list, side by side, most likely on top."""
     drift = report.drift
@@ -148,21 +99,88 @@ def tag_chart(report: InspectionReport) -> Figure:
     return figure
 
 
-def semantics(models: DemoModels, low: Any, high: Any) -> tuple[str, Figure]:
-    """The drift report and tag chart for an input and its upscaled output."""
-    try:
-        report = analyse(models, upload_path(low), upload_path(high))
-    except VPDError as err:
-        raise gr.Error(str(err), print_exception=False) from None
-    return report.to_text(), tag_chart(report)
+class DemoEvents:
+    """The events that run a network, bound to the demo's models and work folder.
 
+    Each is a coroutine that hands its work to ``models.jobs`` and awaits it, so that gradio's
+    cancel (the client's, the Stop button's) reaches the pipeline's ``should_stop`` and the next
+    job waits until the cancelled one has stopped. Each takes the ``gr.Request`` to know its page's
+    session: :meth:`closed` stops the jobs of a page that was closed. They are methods rather than
+    ``functools.partial`` of functions because gradio finds ``gr.Request`` by its annotation,
+    which it cannot read through a partial.
+    """
 
-def tags_prompt(models: DemoModels, image: Any) -> str:
-    """A prompt made of the input's most likely tags."""
-    try:
-        return prompt_from_image(models, upload_path(image))
-    except VPDError as err:
-        raise gr.Error(str(err), print_exception=False) from None
+    def __init__(self, models: DemoModels, workdir: Path) -> None:
+        self.models = models
+        self.workdir = workdir
+
+    async def _run(self, work: Callable[[StopCheck], T], request: gr.Request) -> T:
+        try:
+            return await self.models.jobs.run(work, request.session_hash)
+        except VPDError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+
+    async def upscale(
+        self,
+        image: Any,
+        scale: float,
+        tile: str,
+        color_fix: str,
+        prompt: str,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - the default is how gradio hands out a progress bar
+    ) -> tuple[tuple[str, str], str, str]:
+        """One image -> (before, after) for the slider, the PNG to download, and sizes and time."""
+        source, options = upload_path(image), options_from(scale, tile, color_fix, prompt)
+        report = progress_reporter(progress)
+
+        def work(stop: StopCheck) -> UpscaleResult:
+            return upscale_file(self.models, source, options, fresh_folder(self.workdir), report, stop)
+
+        result = await self._run(work, request)
+        return (str(result.before), str(result.output)), str(result.output), result.summary()
+
+    async def upscale_many(
+        self,
+        files: list[str] | None,
+        scale: float,
+        tile: str,
+        color_fix: str,
+        prompt: str,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008
+    ) -> tuple[str, str]:
+        """Many images -> a zip of the results and a summary naming any file that was skipped."""
+        if not files:
+            raise gr.Error("Upload one or more images first.")
+        options, report = options_from(scale, tile, color_fix, prompt), progress_reporter(progress)
+
+        def work(stop: StopCheck) -> BatchResult:
+            return upscale_batch(self.models, files, options, fresh_folder(self.workdir), report, stop)
+
+        batch = await self._run(work, request)
+        if batch.archive is None:
+            raise gr.Error(batch.summary(), print_exception=False)
+        return str(batch.archive), batch.summary()
+
+    async def semantics(self, low: Any, high: Any, request: gr.Request) -> tuple[str, Figure]:
+        """The drift report and tag chart for an input and its upscaled output."""
+        low, high = upload_path(low), upload_path(high)
+
+        def work(stop: StopCheck) -> tuple[str, Figure]:
+            report = analyse(self.models, low, high)
+            return report.to_text(), tag_chart(report)
+
+        return await self._run(work, request)
+
+    async def tags_prompt(self, image: Any, request: gr.Request) -> str:
+        """A prompt made of the input's most likely tags."""
+        source = upload_path(image)
+        return await self._run(lambda stop: prompt_from_image(self.models, source), request)
+
+    def closed(self, request: gr.Request) -> None:
+        """A page was closed or reloaded (gradio's ``unload``): nobody waits for its jobs any more."""
+        self.models.jobs.stop_session(request.session_hash)
 
 
 def intro(models: DemoModels) -> str:
@@ -170,7 +188,8 @@ def intro(models: DemoModels) -> str:
     return (
         "# vpdsr: one-step diffusion super-resolution\n"
         f"{models.describe()}\n\n"
-        f"Uploads up to {config.max_file_size}, images up to {config.max_pixels / 1e6:.1f} megapixels. "
+        f"Uploads up to {config.max_file_size}, images up to {config.max_pixels / 1e6:.1f} megapixels, "
+        f"up to {config.max_output_pixels / 1e6:.1f} megapixels computed per request. "
         "Everything runs on this machine; nothing is sent elsewhere."
     )
 
@@ -178,12 +197,20 @@ def intro(models: DemoModels) -> str:
 # --- the page ---------------------------------------------------------------------------------
 
 
-def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
-    """The demo for ``config`` (default: the embedded model), queued and ready to launch."""
+def build_demo(
+    config: DemoConfig | None = None, workdir: Path | None = None, models: DemoModels | None = None
+) -> gr.Blocks:
+    """The demo for ``config`` (default: the embedded model), queued and ready to launch.
+
+    ``workdir`` holds the results (default: a temporary folder removed at exit); ``models`` lets
+    the caller keep the models and their jobs, to stop them at shutdown (``gradio_app.cli``).
+    """
     config = config or DemoConfig()
-    models = DemoModels(config)
-    workdir = Path(tempfile.mkdtemp(prefix="vpdsr-demo-"))
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    models = models or DemoModels(config)
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="vpdsr-demo-"))
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    events = DemoEvents(models, workdir)
     model_job = {"concurrency_limit": config.concurrency, "concurrency_id": MODEL_JOBS}
 
     with gr.Blocks(title="vpdsr demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
@@ -229,6 +256,7 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
                     if models.has_clip:
                         fill_prompt = gr.Button("Prompt from image tags", elem_id="fill-prompt")
                     run = gr.Button("Upscale", variant="primary", elem_id="upscale")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
                 gr.Examples(
                     [[str(EXAMPLES_DIR / name)] for name in EXAMPLES],
                     inputs=[image_in],
@@ -251,7 +279,9 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
             with gr.Row():
                 files_in = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="batch-in")
                 with gr.Column():
-                    run_batch = gr.Button("Upscale all", variant="primary", elem_id="upscale-batch")
+                    with gr.Row():
+                        run_batch = gr.Button("Upscale all", variant="primary", elem_id="upscale-batch")
+                        stop_batch = gr.Button("Stop", variant="stop", elem_id="stop-batch")
                     archive = gr.File(label="Results (zip of PNGs)", interactive=False, elem_id="batch-zip")
                     batch_summary = gr.Textbox(label="Summary", interactive=False, lines=3, elem_id="batch-summary")
         if models.has_clip:
@@ -284,15 +314,15 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
 
         options = [scale, tile, color_fix, prompt]
         upscaled = run.click(
-            partial(upscale, models, workdir),
+            events.upscale,
             [image_in, *options],
             [slider, download, sizes],
             api_name="upscale",
             preprocess=False,
             **model_job,
         )
-        run_batch.click(
-            partial(upscale_many, models, workdir),
+        batched = run_batch.click(
+            events.upscale_many,
             [files_in, *options],
             [archive, batch_summary],
             api_name="batch",
@@ -300,7 +330,7 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
         )
         if models.has_clip:
             fill_prompt.click(
-                partial(tags_prompt, models),
+                events.tags_prompt,
                 [image_in],
                 [prompt],
                 api_name="prompt_from_tags",
@@ -315,14 +345,19 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
                 api_visibility="private",
             )
             run_sem.click(
-                partial(semantics, models),
+                events.semantics,
                 [sem_lr, sem_sr],
                 [report, chart],
                 api_name="semantics",
                 preprocess=False,
                 **model_job,
             )
-    return demo.queue(default_concurrency_limit=config.concurrency)
+        # gradio's cancel: the asyncio task of the event ends, and DemoEvents passes that on to the pipeline
+        gr.on(
+            [stop.click, stop_batch.click], None, cancels=[upscaled, batched], api_name="stop", api_visibility="private"
+        )
+        demo.unload(events.closed)
+    return demo.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
 
 
 def launch_demo(demo: gr.Blocks, config: DemoConfig, **options: Any) -> Any:

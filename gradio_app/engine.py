@@ -7,32 +7,52 @@ user can cause arrives here as a ``vpdsr.errors.VPDError`` with a readable messa
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import threading
 import time
 import zipfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from PIL import Image
 
-from gradio_app.config import DemoConfig
+from gradio_app.config import DemoConfig, launch_option
 from vpdsr import VPDPipeline, default_model_path, load_pipeline, read_meta
 from vpdsr.color import DEFAULT_COLOR_FIX
-from vpdsr.errors import ModelFileError, VPDError
+from vpdsr.errors import (
+    Cancelled,
+    DownloadNotAllowed,
+    MissingBaseError,
+    ModelFileError,
+    NoDefaultModel,
+    OutOfMemory,
+    VPDError,
+)
 from vpdsr.imageio import load_image, pil_to_tensor, save_image
 from vpdsr.modelfile import StudentMeta
-from vpdsr.pipeline import resolve_device, scale_note
+from vpdsr.pipeline import MAX_SCALE, MIN_SCALE, resolve_device, scale_note
 from vpdsr.semantics import InspectionReport, SemanticModel
 
 Progress = Callable[[float, str], None]  # fraction done in [0, 1], what is being done
+StopCheck = Callable[[], bool]  # True once the job should stop: the pipeline's should_stop hook
+T = TypeVar("T")
 
 # Result folders older than this are removed when a new request starts; by then gradio has
 # copied what it serves into its own cache.
 _KEEP_RESULTS_S = 3600.0
+# The launch options that fix what the core reports: the core's messages name no front-end's settings.
+HINTS: dict[type[VPDError], str] = {
+    MissingBaseError: f"start the demo with {launch_option('--base')} naming them",
+    DownloadNotAllowed: f"the demo downloads nothing: {launch_option('--base')} must name a folder or file",
+    OutOfMemory: f"start the demo with {launch_option('--device')} set to cpu, or free memory",
+    NoDefaultModel: f"start the demo with {launch_option('--model')} naming one",
+}
 
 
 @dataclass(frozen=True)
@@ -79,12 +99,86 @@ class BatchResult:
         return "\n".join(lines)
 
 
+class ModelJobs:
+    """The threads that run model work: at most ``concurrency`` jobs at once, each one stoppable.
+
+    gradio runs a plain function in a thread it cannot stop. Cancelling its event (the client's
+    cancel, the Stop button) only cancels the asyncio task that waits for the thread, which frees
+    the event's concurrency slot: the next job then starts beside the one still computing. So the
+    events await :meth:`run` instead. A cancel sets the job's stop flag, which the pipeline checks
+    before every tile, and the task returns only once the worker has, so gradio's slot is freed
+    after the work has stopped. The pool's size bounds the jobs computing at once all the same.
+    """
+
+    def __init__(self, concurrency: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vpdsr-job")
+        self._lock = threading.Lock()
+        self._stops: dict[threading.Event, str | None] = {}  # each running or waiting job's flag -> its session
+
+    async def run(self, work: Callable[[StopCheck], T], session: str | None = None) -> T:
+        """``work(should_stop)`` in a worker thread; ``session`` (gradio's session hash) lets
+        :meth:`stop_session` stop it when the page that asked for it is closed."""
+        stop = threading.Event()
+        with self._lock:
+            self._stops[stop] = session
+        try:
+            future = asyncio.wrap_future(self._pool.submit(_start, work, stop))
+            try:
+                return await asyncio.shield(future)  # a cancel must reach this task, not the worker's future
+            except asyncio.CancelledError:
+                stop.set()
+                await _outlast(future)
+                raise
+        finally:
+            with self._lock:
+                del self._stops[stop]
+
+    def stop_session(self, session: str) -> int:
+        """Stop the jobs of a page that was closed or reloaded; returns how many there were."""
+        with self._lock:
+            stops = [stop for stop, owner in self._stops.items() if owner == session]
+        for stop in stops:
+            stop.set()
+        return len(stops)
+
+    @property
+    def active(self) -> int:
+        """Jobs running or waiting for a worker."""
+        with self._lock:
+            return len(self._stops)
+
+    def close(self) -> None:
+        """Stop every job and wait for the workers to return: at shutdown, before the work folder goes."""
+        with self._lock:
+            for stop in self._stops:
+                stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start(work: Callable[[StopCheck], T], stop: threading.Event) -> T:
+    if stop.is_set():  # stopped while it waited for a worker
+        raise Cancelled("cancelled before it started")
+    return work(stop.is_set)
+
+
+async def _outlast(future: asyncio.Future) -> None:
+    """Wait for a worker that was told to stop (within one tile), through any further cancels."""
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            continue
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log the worker's Cancelled as unhandled
+
+
 class DemoModels:
     """The student and the optional CLIP, each loaded on first use, once, by whichever request
-    comes first; nothing is loaded at import or while the page is built."""
+    comes first; nothing is loaded at import or while the page is built. ``jobs`` runs the work."""
 
     def __init__(self, config: DemoConfig) -> None:
         self.config = config
+        self.jobs = ModelJobs(config.concurrency)
         self.model_path = config.model if config.model is not None else default_model_path()
         self.meta: StudentMeta | None = None  # metadata only: reading it loads no weights
         self.meta_error = ""
@@ -109,6 +203,11 @@ class DemoModels:
         """The scale a request runs at, as the pipeline resolves it: its own, or the model's for None."""
         return self.default_scale if options.scale is None else options.scale
 
+    def network_scale(self, options: UpscaleOptions) -> float:
+        """The scale the network computes at, as ``VPDPipeline.network_scale`` resolves it (never below
+        the model's own), from the metadata alone: a request is sized before any model loads."""
+        return max(self.scale_of(options), self.default_scale)
+
     def describe(self) -> str:
         """Markdown about the configured model, for the top of the page."""
         if self.model_path is None:
@@ -121,8 +220,8 @@ class DemoModels:
             return f"**The model cannot be used:** {self.meta_error}"
         name = self.meta.name or self.model_path.name
         text = f"Model **{name}**: {self.meta.backbone.name} backbone, trained for ×{self.meta.scale}."
-        if self.meta.weights == "lora" and self.config.base is None:
-            text += " **It is a LoRA student: start the demo with `--base` pointing at its base weights.**"
+        if self.meta.weights == "lora" and self.config.base is None:  # said up front; loading would refuse it
+            text += f" **It is a LoRA student: start the demo with {launch_option('--base')} naming its base weights.**"
         return text
 
     def pipeline(self) -> tuple[VPDPipeline, float]:
@@ -163,30 +262,59 @@ def open_upload(path: str | Path, max_pixels: int) -> Image.Image:
     return load_image(path, max_pixels=max_pixels, name=path.name)
 
 
+def check_work(models: DemoModels, sizes: Sequence[tuple[int, int]], options: UpscaleOptions, asked: str) -> None:
+    """Refuse a request whose images would make the network compute more pixels than the demo's
+    ``max_output_pixels``, before any work. A job's time grows with those pixels, the input pixel
+    limit alone allows an hour-long x4 job on a CPU, and one job holds the model for everyone.
+    ``asked`` says what was asked for, e.g. ``"photo.png: 800×600 at ×4"``."""
+    scale = models.scale_of(options)
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        return  # the pipeline refuses it with its own message
+    run = models.network_scale(options)
+    pixels = [(round(w * run), round(h * run)) for w, h in sizes]
+    total, limit = sum(w * h for w, h in pixels), models.config.max_output_pixels
+    if total <= limit:
+        return
+    computed = f"{pixels[0][0]}×{pixels[0][1]} pixels, " if len(pixels) == 1 else ""
+    how = f" (the model computes at its own ×{run:g}, then scales down)" if run > scale else ""
+    raise VPDError(
+        f"{asked} means computing {computed}{total / 1e6:.1f} megapixels{how}: above this demo's limit of "
+        f"{limit / 1e6:.1f} megapixels per request. Use smaller images, or start the demo with a larger "
+        f"{launch_option('--max-output-pixels')}"
+    )
+
+
 def upscale_image(
     models: DemoModels,
     image: Image.Image,
     options: UpscaleOptions,
     progress: Progress | None = None,
+    should_stop: StopCheck | None = None,
 ) -> tuple[Image.Image, Timing]:
-    """Upscale a decoded image, loading the model first if no request has yet."""
+    """Upscale a decoded image, loading the model first if no request has yet; ``should_stop`` is
+    checked before every tile and raises ``vpdsr.errors.Cancelled``. The core's errors come out in
+    the demo's words (``HINTS``)."""
     if progress:
         progress(0.0, "Loading the model")
-    pipe, load_seconds = models.pipeline()
 
     def on_tile(done: int, total: int) -> None:
         if progress:
             progress(done / total, f"Upscaling (step {done} of {total})")
 
-    start = time.perf_counter()
-    result = pipe.upscale_pil(
-        image,
-        scale=options.scale,
-        tile=options.tile,
-        color_fix=options.color_fix,
-        prompt=options.prompt or None,
-        progress=on_tile,
-    )
+    try:
+        pipe, load_seconds = models.pipeline()
+        start = time.perf_counter()
+        result = pipe.upscale_pil(
+            image,
+            scale=options.scale,
+            tile=options.tile,
+            color_fix=options.color_fix,
+            prompt=options.prompt or None,
+            progress=on_tile,
+            should_stop=should_stop,
+        )
+    except VPDError as err:
+        raise err.worded(HINTS) from None
     return result, Timing(time.perf_counter() - start, load_seconds, str(pipe.device))
 
 
@@ -196,12 +324,13 @@ def upscale_file(
     options: UpscaleOptions,
     folder: Path,
     progress: Progress | None = None,
+    should_stop: StopCheck | None = None,
 ) -> UpscaleResult:
     """Upscale one uploaded file into ``folder``: the result PNG and a bicubic 'before' PNG."""
-    source = Path(source)
+    source, scale = Path(source), models.scale_of(options)
     image = open_upload(source, models.config.max_pixels)
-    result, timing = upscale_image(models, image, options, progress)
-    scale = models.scale_of(options)
+    check_work(models, [image.size], options, f"{source.name}: {image.width}×{image.height} at ×{scale:g}")
+    result, timing = upscale_image(models, image, options, progress, should_stop)
     output = save_image(result, folder / f"{source.stem}_x{scale:g}.png")
     display = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     before = folder / f"{source.stem}_bicubic.png"
@@ -216,8 +345,10 @@ def upscale_batch(
     options: UpscaleOptions,
     folder: Path,
     progress: Progress | None = None,
+    should_stop: StopCheck | None = None,
 ) -> BatchResult:
-    """Upscale many files into one zip; a file that fails is listed and skipped, as in the CLI."""
+    """Upscale many files into one zip; a file that fails is listed and skipped, as in the CLI.
+    The work limit counts every file that will open, so it holds for the request as a whole."""
     if not sources:
         raise VPDError("no files were uploaded")
     if len(sources) > models.config.max_batch:
@@ -225,6 +356,8 @@ def upscale_batch(
             f"{len(sources)} files is more than this demo takes at once ({models.config.max_batch}); "
             "split them, or start the demo with a larger --max-batch"
         )
+    sizes = [size for size in map(_declared_size, sources) if size and size[0] * size[1] <= models.config.max_pixels]
+    check_work(models, sizes, options, f"{len(sizes)} images at ×{models.scale_of(options):g}")
     done: list[str] = []
     failed: list[str] = []
     names: set[str] = set()
@@ -239,16 +372,26 @@ def upscale_batch(
 
             try:
                 image = open_upload(source, models.config.max_pixels)
-                result, _ = upscale_image(models, image, options, step)
+                result, _ = upscale_image(models, image, options, step, should_stop)
                 zf.write(save_image(result, folder / name), arcname=name)
                 done.append(source.name)
-            except ModelFileError:
-                raise  # no usable model: every other file would fail the same way
+            except (ModelFileError, Cancelled):
+                raise  # no usable model: every other file would fail the same way; or the job was stopped
             except VPDError as err:
                 failed.append(f"{source.name}: {err}")
     if not done:
         archive.unlink()
     return BatchResult(archive if done else None, done, failed)
+
+
+def _declared_size(path: str | Path) -> tuple[int, int] | None:
+    """An image's size from its header, nothing decoded; None for a file that will not open, which
+    the batch then skips with the loader's own message."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -14,7 +14,7 @@ def test_gpu_bench_runs_on_cpu_at_a_tiny_size(capsys) -> None:
     assert len(rows) == 2
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     one, many, gflop = float(cells[3]), float(cells[4]), float(cells[6])
-    assert one > 0 and many > one  # two UNet calls cost more than one
+    assert one > 0 and many > 0  # timings only: which is faster depends on the machine's load (see the next test)
     assert gflop > 0
 
 

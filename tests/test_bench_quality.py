@@ -15,7 +15,7 @@ from PIL import Image
 from bench.comparison_sheet import SheetRow, detail_box, render_sheet
 from bench.quality import main, sheet_picks
 from bench.quality_io import BenchError, ImagePair
-from bench.speed import _fastest, _table
+from bench.speed import _compare_table, _fastest, _table
 from bench.sr_methods import RealesrganNcnn, fit_to_size
 
 NAMES = ["a.png", "b.png", "c.png"]
@@ -315,6 +315,17 @@ def test_speed_table_shows_the_peer_ratio() -> None:
     assert "| 128² | 512² | none | 2.00 | 5.00 | 2.50 | 900 | - |" in table
     del row["peer_seconds"]
     assert "peer" not in _table([row], None)
+
+
+def test_speed_comparison_table_gives_medians_and_the_ratio() -> None:
+    peer = "realesrgan-x4plus"
+    seconds = {"ours": [0.5, 0.4, 0.9], peer: [3.0, 2.0, 4.0], "bicubic": [0.01, 0.01, 0.02]}
+    cpu = {"ours": [0.4, 0.4, 0.4], peer: [2.0, 2.0, 2.0], "bicubic": [0.01, 0.01, 0.01]}
+    result = {"images": 3, "sizes": ["128x128"], "scale": 4, "repeats": 1, "seconds": seconds, "cpu": cpu,
+              "load": [5.0, 4.5], "peer": peer}  # fmt: skip
+    table = _compare_table(result)
+    assert "| ours | 0.500 | 0.400 | 0.900 | 6.00 | 0.400 | 5.00 |" in table
+    assert "load average 5.00 at the start, 4.50 at the end" in table and table.endswith("ours: 6.00x")
 
 
 def test_vae_ceiling_prints_the_hr_row_and_each_vae(tmp_path, capsys):

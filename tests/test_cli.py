@@ -92,7 +92,7 @@ def test_scale_note_is_one_line_of_ours(tmp_path: Path, random_student_file: Pat
 def test_info_summary_and_json(tmp_path: Path, random_student_file: Path, capsys):
     assert main(["info", str(random_student_file)]) == 0
     out = capsys.readouterr().out
-    assert "random-tiny" in out and "tiny (full weights)" in out and "x4" in out and " MB)" in out
+    assert "random-tiny" in out and "tiny, sd2 family (full weights)" in out and "x4" in out and " MB)" in out
     assert len(out.splitlines()) < 10 and "{" not in out
     assert main(["info", str(random_student_file), "--json"]) == 0
     assert '"vpdsr-student"' in capsys.readouterr().out
@@ -148,3 +148,28 @@ def test_bad_arguments_exit_with_usage(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_progress_bar_moves_per_tile(tmp_path: Path, random_student_file: Path, monkeypatch):
+    """A large image moves the bar tile by tile (a 1920x1200 output once sat at 0/1 for 70 s), and
+    every image, written or failed, ends at a whole count."""
+    import tqdm
+
+    seen: list[float] = []
+
+    class Recording(tqdm.tqdm):
+        def update(self, n: float = 1) -> bool | None:
+            done = super().update(n)
+            seen.append(self.n)
+            return done
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    inputs = tmp_path / "in"
+    _image(inputs / "a.png")
+    (inputs / "broken.png").write_bytes(b"\x89PNG garbage")
+    code = main(["upscale", str(inputs), "-o", str(tmp_path / "out"), "--model", str(random_student_file),
+                 "--tile", "16"])  # fmt: skip
+    assert code == 1
+    within = [n for n in seen if 0 < n % 1 < 1]
+    assert len(within) > 4 and within == sorted(within)  # many steps inside an image, never back
+    assert seen[-1] == pytest.approx(2)

@@ -292,7 +292,7 @@ def _load(comfy: Comfy, model: str = "tiny.safetensors", dtype: str = "auto", **
 
 
 def _upscale(comfy: Comfy, image: torch.Tensor, pipe: VPDPipeline, **options: Any) -> torch.Tensor:
-    settings = {"scale": 2.0, "tiling": "auto", "tile_size": 512, "tile_overlap": 16, "color_fix": "adain"} | options
+    settings = {"scale": 2.0, "tiling": "auto", "tile_size": 512, "color_fix": "adain"} | options
     return comfy.nodes["VPDSR_OneStepSR"].execute(image=image, vpd_model=pipe, **settings).args[0]
 
 
@@ -445,7 +445,7 @@ def test_embedded_default_loads_when_the_package_ships_one(comfy, monkeypatch):
         ("gone.safetensors", r"'gone.safetensors' was not found in models/vpdsr"),
         ("broken.safetensors", r"broken.safetensors: not a readable safetensors file"),
         ("foreign.safetensors", r"foreign.safetensors: a safetensors file, but not a vpdsr model"),
-        ("lora.safetensors", r"lora.safetensors is a LoRA student .* choose its base model in 'base'"),
+        ("lora.safetensors", r"lora.safetensors is a LoRA student .*\(choose its base model in 'base'"),
     ],
 )
 def test_bad_model_files_fail_with_a_clear_message(comfy, name, message):
@@ -488,7 +488,7 @@ def test_upscale_keeps_comfyuis_bhwc_layout_and_matches_the_core(comfy):
     out = _upscale(comfy, image, pipe)
     assert out.shape == (2, 32, 32, 3) and out.dtype == torch.float32
     assert 0 <= out.min() and out.max() <= 1
-    expected = pipe(image.permute(0, 3, 1, 2), scale=2.0, tile=None, overlap=16, color_fix="adain")
+    expected = pipe(image.permute(0, 3, 1, 2), scale=2.0, tile=None, color_fix="adain")
     torch.testing.assert_close(out, expected.permute(0, 2, 3, 1))
 
 
@@ -517,12 +517,25 @@ def test_upscale_frees_memory_runs_on_the_torch_device_and_offloads_after(comfy)
     assert pipe.device == OFFLOAD_DEVICE
 
 
+def test_out_of_memory_names_the_nodes_dtype_input_and_offloads(comfy, monkeypatch):
+    pipe = _load(comfy)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(pipe, "_upscale", no_memory)
+    with pytest.raises(VPDError, match=r"out of cpu memory .*\(choose dtype fp16 in Load VPD Model") as caught:
+        _upscale(comfy, _bhwc(), pipe)
+    assert "--" not in str(caught.value)
+    assert pipe.device == OFFLOAD_DEVICE
+
+
 def test_progress_advances_once_per_tile_call(comfy, monkeypatch):
     pipe = _load(comfy)
     convs = []
     hook = pipe.student.vae.decoder.conv_out.register_forward_pre_hook(lambda *_: convs.append(1))
     try:
-        _upscale(comfy, _bhwc(size=16), pipe, tiling="fixed", tile_size=16, tile_overlap=0)
+        _upscale(comfy, _bhwc(size=16), pipe, tiling="fixed", tile_size=16)
     finally:
         hook.remove()
     [bar] = ProgressBar.made
@@ -537,7 +550,7 @@ def test_tiling_auto_off_and_fixed_mean_what_they_mean_in_the_core(comfy):
     pipe = _load(comfy)
     image = _bhwc(size=16)
     off = _upscale(comfy, image, pipe, tiling="off", tile_size=16)  # the size is unused when off
-    expected = pipe(image.permute(0, 3, 1, 2), scale=2.0, tile=0, overlap=16, color_fix="adain")
+    expected = pipe(image.permute(0, 3, 1, 2), scale=2.0, tile=0, color_fix="adain")
     torch.testing.assert_close(off, expected.permute(0, 2, 3, 1))
     big = torch.zeros(1, 1, 1, 3).expand(1, 2048, 2048, 3)  # only its shape is read
     auto, untiled = (nodes_upscale.memory_estimate(pipe, big, 2.0, tile) for tile in (None, 0))
@@ -556,7 +569,7 @@ def test_cancel_stops_at_the_next_tile_and_raises_comfyuis_interrupt(comfy):
 
     ProgressBar.on_update = press_cancel
     with pytest.raises(InterruptProcessingException):
-        _upscale(comfy, _bhwc(size=16), pipe, tiling="fixed", tile_size=16, tile_overlap=0)
+        _upscale(comfy, _bhwc(size=16), pipe, tiling="fixed", tile_size=16)
     [bar] = ProgressBar.made
     assert len(bar.updates) == 1 < bar.total
     assert comfy.memory.interrupt is False  # ComfyUI's flag is reset for the next prompt
@@ -568,7 +581,7 @@ def test_mask_reaches_the_core(comfy):
     image = _bhwc(size=16)
     keep_input = torch.zeros(1, 16, 16)
     masked = _upscale(comfy, image, pipe, mask=keep_input)
-    expected = pipe(image.permute(0, 3, 1, 2), scale=2.0, overlap=16, color_fix="adain", mask=keep_input)
+    expected = pipe(image.permute(0, 3, 1, 2), scale=2.0, color_fix="adain", mask=keep_input)
     torch.testing.assert_close(masked, expected.permute(0, 2, 3, 1))
     assert not torch.allclose(masked, _upscale(comfy, image, pipe))
 

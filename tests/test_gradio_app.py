@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -25,13 +23,11 @@ from PIL import Image
 from gradio_app import engine
 from gradio_app.config import DemoConfig, add_arguments, config_from_args
 from gradio_app.screenshot import free_port
-from tests.gradio_support import write_image, write_tiny_student
+from tests.gradio_support import start_app, wait_until_up, write_image, write_tiny_student
 from vpdsr.errors import ModelFileError
 from vpdsr.semantics import build_clip, save_clip
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 64 * 64
-START_TIMEOUT_S = 300  # a guard only: start-up is import time, ~15 s on an idle 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -63,36 +59,14 @@ def client(files: Path) -> Iterator[Client]:
         PYTHONUNBUFFERED="1",
         GRADIO_TEMP_DIR=str(files / "gradio-cache"),
     )
-    log = (files / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, str(REPO / "gradio_app" / "app.py"), "--port", str(port)],
-        cwd=files,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    server = start_app(files, env, port, files / "server.log")
     url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_until_up(url, server, files / "server.log")
+        wait_until_up(url, server, files / "server.log")
         yield Client(url, verbose=False, download_files=str(files / "downloads"))
     finally:
         server.terminate()
         server.wait(timeout=30)
-        log.close()
-
-
-def _wait_until_up(url: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"the demo exited with code {server.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"the demo did not answer within {START_TIMEOUT_S} s:\n{log.read_text()}")
 
 
 def _upscale(client: Client, image: Path, scale: float = 4, tile: str = "auto") -> tuple:
@@ -178,8 +152,10 @@ def test_every_event_has_an_explicit_api_name(files: Path) -> None:
     from gradio_app.app import build_demo
 
     demo = build_demo(DemoConfig(model=files / "tiny.safetensors", clip=files / "clip.safetensors"))
-    events = {fn.api_name: fn for fn in demo.fns.values()}
-    assert sorted(events) == ["batch", "load_example", "prompt_from_tags", "semantics", "show_in_semantics", "upscale"]
+    events = {fn.api_name: fn for fn in demo.fns.values() if not fn.is_cancel_function}  # gradio names that one
+    assert sorted(events) == [
+        "batch", "closed", "load_example", "prompt_from_tags", "semantics", "show_in_semantics", "stop", "upscale"
+    ]  # fmt: skip
     for name in ("batch", "prompt_from_tags", "semantics", "upscale"):  # the ones that run a network
         assert events[name].concurrency_id == "model" and events[name].concurrency_limit == 1
 
@@ -224,7 +200,7 @@ def test_without_a_model_the_page_says_how_to_pass_one(monkeypatch: pytest.Monke
     monkeypatch.setattr(vpdsr.pipeline, "default_model_path", lambda: None)
     models = engine.DemoModels(DemoConfig())
     assert "No model is loaded" in models.describe() and "--model" in models.describe()
-    with pytest.raises(ModelFileError, match="no embedded default model"):
+    with pytest.raises(ModelFileError, match=r"no embedded default model.*\(start the demo with --model or VPDSR_"):
         engine.upscale_file(models, write_image(tmp_path / "a.png"), engine.UpscaleOptions(), tmp_path)
 
 

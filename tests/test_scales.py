@@ -100,8 +100,8 @@ def test_a_cost_is_warned_once_per_pipeline_at_the_callers_line():
 def test_progress_totals_and_tiles_count_the_native_size_work(pipe):
     x = _image(64, 48)
     native, below = [], []
-    pipe(x, scale=4, tile=96, overlap=32, progress=lambda done, total: native.append((done, total)))
-    pipe(x, scale=2, tile=96, overlap=32, progress=lambda done, total: below.append((done, total)))
+    pipe(x, scale=4, tile=96, progress=lambda done, total: native.append((done, total)))
+    pipe(x, scale=2, tile=96, progress=lambda done, total: below.append((done, total)))
     assert below == native and len(below) > 3 and below[-1][0] == below[-1][1]
 
 

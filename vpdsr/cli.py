@@ -15,11 +15,21 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import ImageError, VPDError
+from .errors import (
+    DownloadNotAllowed,
+    ImageError,
+    MissingBaseError,
+    NoDefaultModel,
+    NonFiniteOutput,
+    OutOfMemory,
+    VPDError,
+)
+from .threads import PASSIVE_WAIT
 
 if TYPE_CHECKING:
     from .modelfile import StudentMeta
@@ -30,6 +40,14 @@ COLOR_FIXES = ("none", "adain", "wavelet")
 DEFAULT_COLOR_FIX = "wavelet"
 MAX_LISTED = 20  # file names shown for one kind of skip; the rest are counted
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command whose reader went away (128 + SIGPIPE)
+# The flags that fix what the core reports: its messages name no flags, since the node and the demo have none.
+HINTS: dict[type[VPDError], str] = {
+    MissingBaseError: "pass them with --base",
+    DownloadNotAllowed: "--allow-download lets --base name a Hugging Face repo",
+    OutOfMemory: "--dtype fp16 runs in half precision, --device cpu on the CPU",
+    NoDefaultModel: "pass one with --model",
+    NonFiniteOutput: "--dtype fp32 or --dtype bf16 selects the precision",
+}
 
 UPSCALE_DESCRIPTION = """\
 Upscale image files and folders (searched recursively for every format Pillow reads).
@@ -116,33 +134,42 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
 
     pipe = load_pipeline(model=args.model, base=args.base, device=args.device, dtype=args.dtype,
                          allow_download=args.allow_download)  # fmt: skip
-    options: dict[str, Any] = {"scale": args.scale, "tile": args.tile, "overlap": args.overlap,
+    options: dict[str, Any] = {"scale": args.scale, "tile": args.tile,
                                "color_fix": args.color_fix, "prompt": args.prompt}  # fmt: skip
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
     written, failed = 0, []
-    bar = tqdm(jobs, unit="img", disable=args.quiet)
+    # images as a fraction, so that the bar (and its time left) moves with every tile of a large image
+    bar = tqdm(total=len(jobs), unit="img", disable=args.quiet,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}{postfix}]")  # fmt: skip
     with warnings.catch_warnings():
         # the pipeline's notes (what a scale other than the model's own costs) as one line of ours,
         # not Python's "file:line: UserWarning" report
         warnings.showwarning = lambda message, *_: tqdm.write(f"vpdsr: note: {message}", file=sys.stderr)
         try:
-            for job in bar:
+            for index, job in enumerate(jobs):
+                bar.update(index - bar.n)  # a failed image counts as done too
                 bar.set_postfix_str(job.source.name)
                 try:
                     image = load_image(job.source, max_pixels=max_pixels)
-                    save_image(pipe.upscale_pil(image, **options), job.target)
+                    save_image(pipe.upscale_pil(image, **options, progress=_image_progress(bar, index)), job.target)
                     written += 1
                 except ImageError as err:  # its message starts with the file's name
                     failed.append(str(err))
                 except VPDError as err:
-                    failed.append(f"{job.source}: {err}")
+                    failed.append(f"{job.source}: {err.worded(HINTS)}")
                 except OSError as err:
                     failed.append(f"{job.target}: cannot write the result ({err.strerror or err})")
+            bar.update(len(jobs) - bar.n)
         except KeyboardInterrupt:
             return written, failed, True
         finally:
             bar.close()
     return written, failed, False
+
+
+def _image_progress(bar: Any, index: int) -> Callable[[int, int], None]:
+    """The pipeline's progress hook (called per tile of every pass) moving ``bar`` through image ``index``."""
+    return lambda done, total: bar.update(index + done / total - bar.n)
 
 
 def _report_skipped(skipped: Iterable[tuple[Path, str]], existing: Sequence[Job] = ()) -> None:
@@ -167,6 +194,12 @@ def _list_files(head: str, names: list[str]) -> None:
     print(f"vpdsr: {head}: {', '.join(names[:MAX_LISTED])}{more}", file=sys.stderr)
 
 
+# What ``vpdsr info`` prints of free-form metadata: real files are far below these bounds.
+MAX_TRAINING_KEYS = 8  # training entries in the summary
+LARGE_METADATA = 64_000  # characters of metadata above which the summary says how many
+MAX_INFO_STRING, MAX_INFO_ITEMS = 1000, 100  # per string, and per list or object, in --json
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .modelfile import read_meta
 
@@ -176,43 +209,87 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     data = json.loads(meta.to_json())
     if not args.full:
-        data["backbone"] = {"name": meta.backbone.name, "vae_factor": meta.backbone.vae_factor,
+        data["backbone"] = {"name": meta.backbone.name, "family": meta.backbone.family,
+                            "vae_factor": meta.backbone.vae_factor,
                             "latent_channels": meta.backbone.latent_channels}  # fmt: skip
+    data, cut = _bounded(data)
     print(json.dumps(data, indent=2))
+    if cut:
+        print(f"vpdsr: note: {cut} values longer than {MAX_INFO_STRING} characters or {MAX_INFO_ITEMS} items are "
+              "cut short; the file's safetensors metadata ('vpdsr') holds them whole", file=sys.stderr)  # fmt: skip
     return 0
 
 
-def _summary(path: Path, meta: StudentMeta) -> str:
-    """A few lines a person reads: what the model is, what it needs, how it was made."""
+def _summary(path: Path, meta: StudentMeta, width: int = 60) -> str:
+    """A few lines a person reads: what the model is, what it needs, how it was made.
+
+    Every value is cut to ``width`` characters: metadata is free-form, and a file can carry
+    megabytes of it (``metadata`` then says how much, and the training line which part).
+    """
     weights = "full weights"
     if meta.weights == "lora":
         ranks = sorted({spec.rank for spec in meta.lora})
         weights = f"LoRA rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}, needs --base"
     lines = [
-        f"name      {meta.name or path.stem}",
+        f"name      {_cut(meta.name or path.stem, width)}",
         f"file      {path} ({path.stat().st_size / 1e6:.1f} MB)",
-        f"backbone  {meta.backbone.name} ({weights})",
+        f"backbone  {_cut(meta.backbone.name, width)}, {meta.backbone.family} family ({weights})",
         f"scale     x{meta.scale} (the scale it was trained for)",
     ]
     if meta.prompt:
-        lines.append(f"prompt    {meta.prompt!r}")
-    lines.append(f"training  {_training_summary(meta.training)}")
+        lines.append(f"prompt    {_cut(repr(meta.prompt), width)}")
+    lines.append(f"training  {_training_summary(meta.training, width)}")
+    size = len(meta.to_json())
+    if size > LARGE_METADATA:
+        lines.append(f"metadata  {_size(size)}")
     lines.append("(vpdsr info --json shows all metadata)")
     return "\n".join(lines)
 
 
 def _training_summary(training: dict[str, Any], width: int = 60) -> str:
-    """Its plain values, each cut to ``width`` characters; nested ones (a whole config) only by name."""
+    """Its first plain values, each cut to ``width`` characters; nested ones (a whole config) by name and size."""
     if not training:
         return "not recorded"
     parts = []
-    for key, value in training.items():
+    for key, value in islice(training.items(), MAX_TRAINING_KEYS):
+        key = _cut(str(key), width)
         if isinstance(value, (dict, list)):
-            parts.append(f"{key} (see --json)")
+            parts.append(f"{key} ({_size(len(json.dumps(value)))}, see --json)")
         else:
             text = str(value)
-            parts.append(f"{key}: {text if len(text) <= width else text[: width - 3] + '...'}")
+            parts.append(f"{key}: {_cut(text, width)}" + (f" ({_size(len(text))})" if len(text) > width else ""))
+    if len(training) > MAX_TRAINING_KEYS:
+        parts.append(f"and {len(training) - MAX_TRAINING_KEYS} more (see --json)")
     return "; ".join(parts)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _size(chars: int) -> str:
+    """A length of text as people read it: 812 bytes, 3.2 KB, 50.0 MB."""
+    for unit, word in ((1e6, "MB"), (1e3, "KB")):
+        if chars >= unit:
+            return f"{chars / unit:.1f} {word}"
+    return f"{chars} bytes"
+
+
+def _bounded(value: Any) -> tuple[Any, int]:
+    """``value`` with long strings and long lists or objects cut short, and how many were cut, so
+    ``--json`` prints a 50 MB training log as a page. The loader bounds the nesting depth."""
+    if isinstance(value, str):
+        if len(value) <= MAX_INFO_STRING:
+            return value, 0
+        return f"{value[:MAX_INFO_STRING]}... ({_size(len(value))} in all)", 1
+    if not isinstance(value, (dict, list)):
+        return value, 0
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    kept = [(key, *_bounded(item)) for key, item in islice(items, MAX_INFO_ITEMS)]
+    cut = sum(n for *_, n in kept) + (len(value) > MAX_INFO_ITEMS)
+    more = [("...", f"... and {len(value) - MAX_INFO_ITEMS} more")] if len(value) > MAX_INFO_ITEMS else []
+    pairs = [(key, item) for key, item, _ in kept] + more
+    return (dict(pairs) if isinstance(value, dict) else [item for _, item in pairs]), cut
 
 
 def cmd_convert_osediff(args: argparse.Namespace) -> int:
@@ -242,7 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="upscale factor, 1 to 8 (default: the model's own scale)")  # fmt: skip
     up.add_argument("--tile", type=_tile, default=None, metavar="auto|0|N",
                     help="tile size in output pixels; 0 turns tiling off (default: auto)")  # fmt: skip
-    up.add_argument("--overlap", type=_count(0), default=64, help="tile overlap in output pixels (default 64)")
     up.add_argument("--color-fix", choices=COLOR_FIXES, default=DEFAULT_COLOR_FIX,
                     help=f"colour correction (default {DEFAULT_COLOR_FIX})")  # fmt: skip
     up.add_argument("--prompt", default=None, help="text prompt (models with a text encoder only)")
@@ -263,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert-osediff", help="import a released OSEDiff checkpoint (osediff.pkl)")
     conv.add_argument("checkpoint", help="OSEDiff .pkl file")
     conv.add_argument("-o", "--output", required=True, help="output .safetensors file")
-    conv.add_argument("--backbone", default="sd21-base", help="backbone it was trained on (default sd21-base)")
+    conv.add_argument("--backbone", default="sd21-base",
+                      help="backbone it was trained on: a bundled name or a backbone JSON file "
+                           "(default sd21-base)")  # fmt: skip
     conv.add_argument("--prompt", default="",
                       help="prompt to condition on (computed with the base's text encoder at load)")  # fmt: skip
     conv.set_defaults(func=cmd_convert_osediff)
@@ -294,6 +372,8 @@ def _drop_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for name, value in PASSIVE_WAIT.items():  # read once, when torch's OpenMP starts: see vpdsr.threads
+        os.environ.setdefault(name, value)
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -304,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _drop_stdout()
         return EXIT_BROKEN_PIPE
     except VPDError as err:
-        print(f"vpdsr: {err}", file=sys.stderr)
+        print(f"vpdsr: {err.worded(HINTS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vpdsr: interrupted", file=sys.stderr)

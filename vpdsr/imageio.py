@@ -8,23 +8,27 @@ ICC profile is written into the output so colours are interpreted as in the inpu
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import stat
 import struct
-import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
 from .errors import ImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageParts",
+    "file_size_limit",
     "join_image",
     "load_image",
     "numpy_to_tensor",
@@ -38,6 +42,10 @@ __all__ = [
 # Inputs above this are refused before decoding: a 40-megapixel input would become a
 # 640-megapixel output at x4. Callers that really want more pass a larger limit.
 DEFAULT_MAX_PIXELS = 40_000_000
+# The file-size limit follows from the pixel limit: no image needs more than 8 bytes a pixel
+# (16-bit RGBA stored raw) plus its metadata, so a larger "image" is refused unread.
+_BYTES_PER_PIXEL, _METADATA_BYTES = 8, 64 * 2**20
+_BAND_ROWS = 256  # rows converted at a time on the way out: 24 MB of float RGB at 8000 px wide
 
 
 @dataclass
@@ -57,36 +65,108 @@ def _png_bit_depth(data: bytes) -> int:
     return 8
 
 
+def file_size_limit(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The most bytes an image file within ``max_pixels`` can need; larger files are refused unread."""
+    return max_pixels * _BYTES_PER_PIXEL + _METADATA_BYTES
+
+
 def load_image(
     source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
 ) -> Image.Image:
-    """Open and fully decode an image, with clear errors for corrupt, unsupported or huge files.
+    """Open and fully decode an image, with clear errors for corrupt, unsupported, special or huge files.
 
-    ``name`` is what error messages call the image (an upload's original file name, say).
+    ``name`` is what error messages call the image (an upload's original file name, say). Nothing is
+    read without bound: a path must be a regular file (``/dev/zero`` or a FIFO would never end), and
+    at most ``file_size_limit(max_pixels)`` bytes are read from any source. The size in the header
+    is checked against ``max_pixels`` before a pixel is decoded.
     """
     name = name or (str(source) if isinstance(source, (str, Path)) else "uploaded image")
+    if isinstance(source, (str, Path)):
+        data = _read_regular_file(Path(source), name, max_pixels)
+    else:
+        data = source if isinstance(source, bytes) else source.read(file_size_limit(max_pixels) + 1)
+        if len(data) > file_size_limit(max_pixels):
+            raise _too_large(name, max_pixels)
     try:
-        data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source if isinstance(source, bytes) else source.read()
-    except OSError as err:
-        raise ImageError(f"{name}: cannot read the file ({err.strerror or err})") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > max_pixels:
-                raise ImageError(
-                    f"{name}: {image.width}x{image.height} is {image.width * image.height / 1e6:.1f} megapixels, "
-                    f"above the limit of {max_pixels / 1e6:.1f}; raise the pixel limit to process it"
-                )
-            image.load()
+        image = _open_within(data, name, max_pixels)
+        image.load()
     except ImageError:
         raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file, or a format Pillow cannot read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # a part of the file (a GIF frame, a TIFF tile) past Pillow's limit
+        raise ImageError(f"{name}: refused as a likely decompression bomb ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{name}: the image is corrupt or truncated ({err})") from None
     image.info["vpdsr_bits"] = 16 if _png_bit_depth(data) == 16 or image.mode in ("I;16", "I;16B", "I;16L", "I") else 8
     return ImageOps.exif_transpose(image)
+
+
+def _too_large(name: str, max_pixels: int) -> ImageError:
+    return ImageError(
+        f"{name}: larger than {file_size_limit(max_pixels) / 1e6:.0f} MB, more than any image within the pixel "
+        f"limit of {max_pixels / 1e6:.1f} megapixels needs; raise the pixel limit to process it"
+    )
+
+
+def _read_regular_file(path: Path, name: str, max_pixels: int) -> bytes:
+    """The bytes of ``path``, refused unread when it is not a regular file or is over the size limit.
+
+    The checks are made on the opened descriptor, so a file swapped for a FIFO after a folder scan
+    is still caught, and the open itself does not wait for a FIFO's writer (``O_NONBLOCK``). The read
+    stops one byte past the limit even if the file grows meanwhile.
+    """
+    limit = file_size_limit(max_pixels)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise ImageError(f"{name}: cannot read the file ({err.strerror or err})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
+            raise ImageError(f"{name}: not a regular file ({kind}); vpdsr reads image files")
+        if info.st_size > limit:
+            raise _too_large(name, max_pixels)
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(limit + 1)
+    except OSError as err:
+        raise ImageError(f"{name}: cannot read the file ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise _too_large(name, max_pixels)
+    return data
+
+
+def _open_within(data: bytes, name: str, max_pixels: int) -> ImageFile.ImageFile:
+    """``Image.open`` with our pixel limit in place of Pillow's decompression-bomb check.
+
+    ``Image.open`` checks Pillow's own limit (a warning past 89 megapixels, an error past 179) before
+    a caller sees the size, so a bomb would read as Pillow's error, not as "N megapixels, above the
+    limit", and a limit raised past Pillow's could never be used. So each registered format's opener
+    is tried as ``Image.open`` tries them, and the size it read from the header is held against
+    ``max_pixels`` before any pixel data is touched.
+    """
+    Image.init()
+    fp = io.BytesIO(data)
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        accepted = not accept or accept(data[:16])
+        if not accepted or isinstance(accepted, str):  # a str is Pillow's "almost, but not this format"
+            continue
+        fp.seek(0)
+        try:
+            image = factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what an opener raises for another format
+            continue
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, "
+                f"above the limit of {max_pixels / 1e6:.1f}; raise the pixel limit to process it"
+            )
+        return image
+    raise ImageError(f"{name}: not an image file, or a format Pillow cannot read")
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -114,8 +194,30 @@ def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
-    """1/3/4-channel tensor in [0, 1] -> 8-bit PIL image (L, RGB or RGBA)."""
-    array = (tensor_to_numpy(tensor) * 255.0 + 0.5).astype(np.uint8)
+    """1/3/4-channel tensor in [0, 1] -> 8-bit PIL image (L, RGB or RGBA) of the first image."""
+    first = tensor[0] if tensor.dim() == 4 else tensor
+    return _from_array(_quantize(lambda rows: first[:, rows].detach().float().cpu(), first.shape[1], 255))
+
+
+def _quantize(band: Callable[[slice], torch.Tensor], height: int, peak: int) -> np.ndarray:
+    """HxWxC integers ``v * peak + 0.5`` (truncated) of the CxHxW floats ``band(rows)`` gives, clamped to [0, 1].
+
+    Built ``_BAND_ROWS`` rows at a time, so the integer array is the only whole-image one made here:
+    at 8000x6000 RGB it is 144 MB, where each float copy of the image would be 576 MB.
+    """
+    out: np.ndarray | None = None
+    for top in range(0, height, _BAND_ROWS):
+        rows = slice(top, min(height, top + _BAND_ROWS))
+        # clamp first, out of place: ``band`` may hand back a view of the caller's tensor
+        values = band(rows).clamp(0, 1).mul_(peak).add_(0.5).permute(1, 2, 0).numpy()
+        if out is None:
+            out = np.empty((height, *values.shape[1:]), np.uint16 if peak > 255 else np.uint8)
+        out[rows] = values  # numpy's float-to-integer cast truncates, as astype does
+    assert out is not None, "an image has at least one row"
+    return out
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
@@ -140,42 +242,56 @@ def split_image(image: Image.Image) -> ImageParts:
 
 
 def join_image(rgb: torch.Tensor, parts: ImageParts, alpha: torch.Tensor | None = None) -> Image.Image:
-    """Rebuild an image of the input's kind from the upscaled RGB (and upscaled alpha)."""
-    rgb = rgb.detach().float().clamp(0, 1).cpu()
-    if parts.grayscale:
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        rgb = (rgb * weights).sum(1, keepdim=True)
-    channels = [rgb] + ([alpha.detach().float().clamp(0, 1).cpu()] if alpha is not None else [])
-    stacked = torch.cat(channels, dim=1)
-    if parts.bits == 16:
-        array = (tensor_to_numpy(stacked) * 65535.0 + 0.5).astype(np.uint16)
-        if array.shape[2] == 1:
-            image = Image.fromarray(array[:, :, 0])
-        else:
-            image = Image.fromarray((array >> 8).astype(np.uint8))
-            image.info["vpdsr_png16"] = array  # Pillow has no 16-bit RGB mode; save_image writes it
+    """Rebuild an image of the input's kind from the upscaled RGB (and upscaled alpha) of the first image.
+
+    Conversion runs in bands of rows (``_quantize``): no float copy of the whole image is made here.
+    """
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+
+    def band(rows: slice) -> torch.Tensor:
+        out = rgb[0, :, rows].detach().float().cpu().clamp(0, 1)
+        if parts.grayscale:
+            out = (out * luma).sum(0, keepdim=True)
+        if alpha is not None:
+            out = torch.cat([out, alpha[0, :, rows].detach().float().cpu()])
+        return out
+
+    array = _quantize(band, rgb.shape[2], 65535 if parts.bits == 16 else 255)
+    if parts.bits == 16 and array.shape[2] > 1:
+        preview = np.empty(array.shape, np.uint8)
+        np.right_shift(array, 8, out=preview, casting="unsafe")
+        image = Image.fromarray(preview)
+        image.info["vpdsr_png16"] = array  # Pillow has no 16-bit RGB mode; save_image writes it
     else:
-        image = tensor_to_pil(stacked)
+        image = _from_array(array)
     if parts.icc:
         image.info["icc_profile"] = parts.icc
     return image
 
 
 def _write_png16(path: Path, array: np.ndarray, icc: bytes | None) -> None:
-    """A 16-bit RGB(A) PNG, which Pillow cannot write: filter 0 rows, one zlib stream."""
+    """A 16-bit RGB(A) PNG, which Pillow cannot write: filter 0 rows, one zlib stream.
+
+    The stream is written in bands of rows, one IDAT chunk each, so the big-endian copy and the
+    compressed bytes never exist for the whole image at once.
+    """
     h, w, c = array.shape
     color_type = {3: 2, 4: 6}[c]
-    rows = array.astype(">u2").reshape(h, w * c).view(np.uint8)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
-    parts = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))]
-    if icc:
-        parts.append(chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
-    parts += [chunk(b"IDAT", zlib.compress(raw, 6)), chunk(b"IEND", b"")]
-    path.write_bytes(b"".join(parts))
+    compressor = zlib.compressobj(6)
+    with open(path, "wb") as file:
+        file.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)))
+        if icc:
+            file.write(chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
+        for top in range(0, h, _BAND_ROWS):
+            rows = array[top : top + _BAND_ROWS].astype(">u2").reshape(-1, w * c).view(np.uint8)
+            body = compressor.compress(np.concatenate([np.zeros((len(rows), 1), np.uint8), rows], axis=1).tobytes())
+            if body:
+                file.write(chunk(b"IDAT", body))
+        file.write(chunk(b"IDAT", compressor.flush()) + chunk(b"IEND", b""))
 
 
 def save_image(image: Image.Image, path: str | Path) -> Path:
@@ -194,14 +310,19 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
         raise ImageError(f"{path.name}: unknown image format {path.suffix!r}; use .png")
     icc = image.info.get("icc_profile")
     png16 = image.info.get("vpdsr_png16")
-    if png16 is not None and fmt == "PNG":
-        _write_png16(tmp, png16, icc)
-    else:
-        if fmt == "JPEG" and image.mode in ("RGBA", "LA", "I;16"):
-            image = image.convert("RGB")
-        options = {"icc_profile": icc} if icc else {}
-        if fmt == "JPEG":
-            options["quality"] = 95
-        image.save(tmp, format=fmt, **options)
-    tmp.replace(path)
+    try:
+        if png16 is not None and fmt == "PNG":
+            _write_png16(tmp, png16, icc)
+        else:
+            if fmt == "JPEG" and image.mode in ("RGBA", "LA", "I;16"):
+                image = image.convert("RGB")
+            options = {"icc_profile": icc} if icc else {}
+            if fmt == "JPEG":
+                options["quality"] = 95
+            image.save(tmp, format=fmt, **options)
+        tmp.replace(path)
+    except BaseException:  # a full disk, a lost mount, Ctrl-C: leave no half-written file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -392,7 +392,8 @@ def _resnet(r: _Runner, m: nn.Module, x: _Act, temb: Tensor | None) -> _Act:
         skip = box.fetch(x)
         if m.conv_shortcut is not None:
             skip = m.conv_shortcut(skip)
-        return (skip + v) / m.output_scale_factor
+        out = skip + v
+        return out if m.output_scale_factor == 1 else out / m.output_scale_factor  # x / 1 is x: skip the pass
 
     return _conv(r, h, m.conv2, pre=lambda v: m.dropout(m.nonlinearity(n2(v))), post=residual)
 
@@ -510,7 +511,7 @@ def _vae_attention(r: _Runner, attn: nn.Module, x: _Act) -> _Act:
         out = _pixels(_attend(attn, _tokens(norm(t)), k, v), t)
         if attn.residual_connection:
             out = out + t
-        return out / attn.rescale_output_factor
+        return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
 
     return r.pointwise(x, body)  # type: ignore[return-value]
 
@@ -685,29 +686,42 @@ def _decode(r: _Runner, vae: nn.Module, z: _Act) -> _Act:
     return _norm_act_conv(r, h, dec.conv_norm_out, dec.conv_act, dec.conv_out)
 
 
-def _time_embedding(unet: nn.Module, timestep: Tensor | float | int, like: Tensor, device: torch.device) -> Tensor:
+def _time_embedding(
+    unet: nn.Module, timestep: Tensor | float | int, like: Tensor, device: torch.device, added: dict | None
+) -> Tensor:
+    """The timestep embedding plus, for SDXL-style UNets, the added one (pooled text and time ids):
+    one vector per sample, so it needs no tiling."""
     if isinstance(timestep, Tensor):
         timestep = timestep.to(device)
     stand_in = torch.empty((like.shape[0], 0), dtype=like.dtype, device=device)  # batch, dtype, device
     emb = unet.time_embedding(unet.get_time_embed(sample=stand_in, timestep=timestep), None)
+    if unet.config.addition_embed_type is not None:
+        added = {k: v.to(device) for k, v in (added or {}).items()}
+        emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=None, added_cond_kwargs=added)
     return emb if unet.time_embed_act is None else unet.time_embed_act(emb)
 
 
 def _unet(
-    r: _Runner, unet: nn.Module, x: _Act, timestep: Tensor | float | int | None, context: Tensor | None
+    r: _Runner,
+    unet: nn.Module,
+    x: _Act,
+    timestep: Tensor | float | int | None,
+    context: Tensor | None,
+    added: dict | None,
 ) -> _Act:
-    """UNet2DConditionModel.forward for a timestep and text conditioning (no class, added or
-    ControlNet inputs): skips are kept as activations and concatenated per tile in the up blocks."""
+    """UNet2DConditionModel.forward for a timestep, text conditioning and SDXL's added embeddings
+    (no class or ControlNet inputs): skips are kept as activations and concatenated per tile in the
+    up blocks."""
     if not isinstance(unet, UNet2DConditionModel):
         raise _unsupported(unet, "expected a UNet2DConditionModel")
-    if unet.class_embedding is not None or unet.config.addition_embed_type is not None:
-        raise _unsupported(unet, "class or added embeddings")
+    if unet.class_embedding is not None or unet.config.addition_embed_type not in (None, "text_time"):
+        raise _unsupported(unet, "class embeddings or added embeddings other than SDXL's text_time")
     if unet.encoder_hid_proj is not None or getattr(unet, "position_net", None) is not None:
         raise _unsupported(unet, "encoder_hid_proj or GLIGEN")
     temb = ctx = None
     if not r.counting:
         like = x.parts[0].data
-        temb = _time_embedding(unet, timestep, like, r.device)  # type: ignore[arg-type]
+        temb = _time_embedding(unet, timestep, like, r.device, added)  # type: ignore[arg-type]
         ctx = context.to(r.device)  # type: ignore[union-attr]
     forward_size = any(d % 2**unet.num_upsamplers for d in x.hw)
     h = _conv(r, x, unet.conv_in, pre=(lambda v: 2 * v - 1.0) if unet.config.center_input_sample else None)
@@ -749,7 +763,7 @@ _STAGES: dict[str, tuple[Callable[..., _Act], int, int]] = {
     # name: (stage, tensor inputs, other arguments)
     "encode": (_encode, 1, 0),
     "decode": (_decode, 1, 0),
-    "unet": (_unet, 1, 2),
+    "unet": (_unet, 1, 3),
     "refine": (_refine, 2, 0),
 }
 
@@ -818,19 +832,22 @@ def unet_forward(
     timestep: Tensor | float | int,
     encoder_hidden_states: Tensor,
     *,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
     tile: int = 0,
     device: torch.device | str | None = None,
     host: torch.device | str = "cpu",
     step: Step | None = None,
     should_stop: StopCheck | None = None,
 ) -> Tensor:
-    """``unet(sample, timestep, encoder_hidden_states).sample``, ``tile`` in latent pixels.
+    """``unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=...).sample``, ``tile`` in
+    latent pixels; ``added_cond_kwargs`` are SDXL's pooled text embedding and time ids.
 
     Self-attention (SD's ``attn1``, and the mid block's even on the tiny backbones) holds the keys
     and values of every latent pixel on the device, so that part of device memory grows with the
     image; everything else is bounded by the tile. See :func:`encode_mean` for the other arguments.
     """
-    return _run("unet", unet, [sample], [timestep, encoder_hidden_states], tile, device, host, step, should_stop)
+    extra = [timestep, encoder_hidden_states, added_cond_kwargs]
+    return _run("unet", unet, [sample], extra, tile, device, host, step, should_stop)
 
 
 def refine(

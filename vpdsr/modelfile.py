@@ -4,7 +4,10 @@ Layout:
 - tensors ``unet.*`` / ``vae.*`` hold either the full weights (``weights: "full"``, the tiny
   backbone) or only the LoRA parameters plus the few layers trained in full such as ``conv_in``
   (``weights: "lora"``, SD backbones, whose base weights the user supplies);
-- ``prompt_embeds`` holds the stored conditioning when there is one;
+- ``prompt_embeds`` holds the stored conditioning when there is one, and the family's extra
+  conditioning sits beside it under its own names (SDXL: ``pooled_prompt_embeds``);
+- the backbone config in the metadata names the backbone's family (``backbone.family``); files
+  written before families existed have none and are ``sd2``;
 - ``__metadata__["vpdsr"]`` is JSON: format name and version, backbone config, LoRA specs,
   timestep, scale, prompt text and free-form training info.
 
@@ -14,23 +17,68 @@ safetensors cannot carry code, so loading a file never runs anything from it.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .backbones import BackboneConfig, backbone_config, build_backbone
-from .errors import ModelFileError
+from .backbones import Backbone, BackboneConfig, backbone_config, backbone_family, build_backbone
+from .color import MAX_WAVELET_LEVELS, WAVELET_LEVELS
+from .errors import MissingBaseError, ModelFileError, NonFiniteWeights
 from .lora import LoraSpec, add_lora
 from .model import OneStepStudent
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "StudentMeta", "load_student", "read_meta", "save_student", "write_model_file"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "RESIZES", "Preprocess", "StudentMeta", "load_student", "read_meta",
+           "save_student", "write_model_file"]  # fmt: skip
 
 FORMAT = "vpdsr-student"
 FORMAT_VERSION = 1
+RESIZES = ("torch-bicubic", "pil-bicubic-uint8")
+
+# Bounds on what a file can make the loader do before its weights are known to fit its metadata.
+# Real metadata is a few KB (a training config, a prompt); these are far above it and below
+# safetensors' own 100 MB header limit.
+MAX_META_CHARS = 64 * 2**20
+MAX_META_DEPTH = 64  # JSON nesting; a training config nests 4 levels
+MAX_MODULES = 10_000  # modules in one backbone; SD 2.1's UNet and VAE have 950
+MAX_PLACEHOLDER_VALUES = 2**22  # an unstored prompt embedding's zeros; SD's is 77 x 1024
+_DEPTH_CHUNK = 2**20
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an LR image becomes the network's input. The model file records it because it belongs to
+    the model: a student reproduces its makers' results only on inputs prepared their way.
+
+    ``resize``: ``"torch-bicubic"`` (torch's bicubic on floats, vpdsr's own students) or
+    ``"pil-bicubic-uint8"`` (PIL's BICUBIC on the 8-bit image, what OSEDiff's test script feeds).
+    ``pad_multiple``: sides are padded up to a multiple of this many pixels (a multiple of the VAE
+    factor; diffusers' UNet takes latents of any size); None keeps vpdsr's default, the VAE factor
+    times the UNet's downsampling.
+    """
+
+    resize: str = "torch-bicubic"
+    pad_multiple: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], vae_factor: int, source: str) -> Preprocess:
+        """Checked here, so a bad value fails when the file is read rather than mid-upscale."""
+        pre = cls(resize=data.get("resize", cls.resize), pad_multiple=data.get("pad_multiple"))
+        if pre.resize not in RESIZES:
+            raise ModelFileError(f"{source}: preprocess.resize must be one of {RESIZES}, got {pre.resize!r}")
+        m = pre.pad_multiple
+        if m is not None and (type(m) is not int or m < 1 or m % vae_factor):
+            raise ModelFileError(
+                f"{source}: preprocess.pad_multiple must be a multiple of the VAE factor {vae_factor}, got {m!r}"
+            )
+        return pre
 
 
 @dataclass
@@ -44,6 +92,11 @@ class StudentMeta:
     has_prompt_embeds: bool = True  # False: compute it from ``prompt`` with the base's text encoder
     name: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    # The wavelet colour fix keeps the student's finest ``wavelet_levels`` bands and takes the rest from
+    # the bicubic input. A model whose latent loses mid-frequency structure the LR still holds (the tiny
+    # VAE) does better with fewer; files written before this field have 5, the usual (StableSR's) value.
+    wavelet_levels: int = WAVELET_LEVELS
 
     def to_json(self) -> str:
         return json.dumps(
@@ -59,21 +112,32 @@ class StudentMeta:
                 "prompt": self.prompt,
                 "has_prompt_embeds": self.has_prompt_embeds,
                 "training": self.training,
+                "preprocess": {"resize": self.preprocess.resize, "pad_multiple": self.preprocess.pad_multiple},
+                "wavelet_levels": self.wavelet_levels,
             }
         )
 
     @classmethod
     def from_json(cls, text: str, source: str) -> StudentMeta:
+        if len(text) > MAX_META_CHARS:
+            raise ModelFileError(
+                f"{source}: the vpdsr metadata is {len(text) / 1e6:.0f} MB, above the limit of "
+                f"{MAX_META_CHARS / 1e6:.0f} MB; it is not a model file vpdsr wrote"
+            )
+        if _json_depth(text, MAX_META_DEPTH) > MAX_META_DEPTH:
+            raise ModelFileError(f"{source}: the vpdsr metadata nests more than {MAX_META_DEPTH} levels deep")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ModelFileError(f"{source}: the vpdsr metadata is not valid JSON ({err})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ModelFileError(f"{source}: not a vpdsr student file (metadata format is {data.get('format')!r})")
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ModelFileError(f"{source}: not a vpdsr student file (metadata format is {found!r})")
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ModelFileError(
-                f"{source}: format version {version!r} is newer than this vpdsr understands ({FORMAT_VERSION}); upgrade vpdsr"
+                f"{source}: format version {version!r} is newer than this vpdsr understands ({FORMAT_VERSION}); "
+                "upgrade vpdsr"
             )
         try:
             meta = cls(
@@ -86,9 +150,16 @@ class StudentMeta:
                 has_prompt_embeds=bool(data.get("has_prompt_embeds", True)),
                 name=str(data.get("name", "")),
                 training=dict(data.get("training", {})),
+                wavelet_levels=data.get("wavelet_levels", WAVELET_LEVELS),
             )
+            meta.preprocess = Preprocess.from_dict(dict(data.get("preprocess", {})), meta.backbone.vae_factor, source)
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(f"{source}: invalid vpdsr metadata ({err})") from None
+        if type(meta.wavelet_levels) is not int or not 1 <= meta.wavelet_levels <= MAX_WAVELET_LEVELS:
+            raise ModelFileError(
+                f"{source}: wavelet_levels must be a whole number from 1 to {MAX_WAVELET_LEVELS}, "
+                f"got {meta.wavelet_levels!r}"
+            )
         if meta.weights not in ("full", "lora"):
             raise ModelFileError(f"{source}: weights must be 'full' or 'lora', got {meta.weights!r}")
         if meta.weights == "lora" and not meta.lora:
@@ -96,11 +167,40 @@ class StudentMeta:
         return meta
 
 
+def _json_depth(text: str, limit: int) -> int:
+    """How deeply JSON ``text`` nests, found without parsing it; a value above ``limit`` when deeper.
+
+    ``json.loads`` recurses once per level, so a file nested 200,000 deep ends in a
+    ``RecursionError``. This counts the brackets outside strings instead, with numpy a chunk at a
+    time, so work stays linear in the text and memory in the chunk (about a second for 50 MB). Escapes are
+    dropped first (in valid JSON backslashes occur only in strings), so every quote left opens or
+    closes a string, and a bracket is inside one when an odd number of quotes precede it.
+    """
+    raw = text.replace("\\\\", "").replace('\\"', "").encode()
+    depth = deepest = quotes = 0
+    for start in range(0, len(raw), _DEPTH_CHUNK):
+        chunk = np.frombuffer(raw, np.uint8, count=min(_DEPTH_CHUNK, len(raw) - start), offset=start)
+        folded = chunk | 0x20  # '[' and '{' become '{', ']' and '}' become '}'
+        opens = folded == ord("{")
+        at = np.flatnonzero(opens | (folded == ord("}")))
+        quote_at = np.flatnonzero(chunk == ord('"'))
+        outside = (quotes + np.searchsorted(quote_at, at)) % 2 == 0
+        levels = depth + np.cumsum(np.where(opens[at], 1, -1)[outside])
+        quotes += len(quote_at)
+        if len(levels):
+            deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+        if deepest > limit:
+            break
+    return deepest
+
+
 def _open(path: Path):
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     if path.suffix.lower() != ".safetensors":
-        raise ModelFileError(f"{path.name}: vpdsr model files are .safetensors (for OSEDiff .pkl files use `vpdsr convert-osediff`)")
+        raise ModelFileError(
+            f"{path.name}: vpdsr model files are .safetensors (for OSEDiff .pkl files use `vpdsr convert-osediff`)"
+        )
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # safetensors raises its own error types for truncated/garbled headers
@@ -139,6 +239,7 @@ def save_student(
     has_prompt_embeds: bool = True,
     name: str = "",
     training_info: dict[str, Any] | None = None,
+    wavelet_levels: int = WAVELET_LEVELS,
 ) -> Path:
     """Write a student; ``weights="full"`` expects merged (adapter-free) parts."""
     path = Path(path)
@@ -152,11 +253,12 @@ def save_student(
         has_prompt_embeds=has_prompt_embeds,
         name=name or path.stem,
         training=dict(training_info or {}),
+        wavelet_levels=wavelet_levels,
     )
     if weights == "full" and any("lora_" in n for n, _ in student.named_parameters()):
         raise ValueError("merge the LoRA adapters (vpdsr.lora.merge_lora) before saving full weights")
     tensors = _trained_state(student, weights)
-    tensors["prompt_embeds"] = student.prompt_embeds.float()
+    tensors.update({k: v.float() for k, v in student.stored_conditioning().items()})
     return write_model_file(path, meta, tensors)
 
 
@@ -169,57 +271,149 @@ def write_model_file(path: str | Path, meta: StudentMeta, tensors: dict[str, tor
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"vpdsr": meta.to_json()})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"vpdsr": meta.to_json()})
     tmp.replace(path)
     return path
 
 
-def _apply_state(student: OneStepStudent, tensors: dict[str, torch.Tensor], source: str, strict_full: bool) -> None:
-    model_state = {f"{p}.{k}": v for p in ("unet", "vae") for k, v in getattr(student, p).state_dict().items()}
-    unexpected = sorted(k for k in tensors if k not in model_state)
+def _count(n: int) -> str:
+    """A weight count as people read it: 2.4 million, 25.6 billion."""
+    for size, word in ((1e9, "billion"), (1e6, "million"), (1e3, "thousand")):
+        if n >= size:
+            return f"{n / size:.1f} {word}"
+    return str(n)
+
+
+@contextmanager
+def _module_budget(limit: int, source: str) -> Iterator[None]:
+    """Stop building once more than ``limit`` modules are made: even on the meta device each one is
+    a Python object, and a config asking for a million layers would take hours and gigabytes."""
+    made = 0
+
+    def count(module: torch.nn.Module, name: str, submodule: torch.nn.Module | None) -> None:
+        nonlocal made
+        made += 1
+        if made > limit:
+            raise ModelFileError(f"{source}: its backbone config describes more than {limit} layers")
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _meta_parts(meta: StudentMeta, source: str) -> Backbone:
+    """The UNet and VAE the metadata describes, adapters included, on the meta device: shapes
+    without any memory behind them."""
+    try:
+        with _module_budget(MAX_MODULES, source):
+            parts = build_backbone(meta.backbone, device="meta")
+            with torch.device("meta"):
+                for spec in meta.lora:
+                    add_lora(parts.unet if spec.part == "unet" else parts.vae, spec)
+            return parts
+    except ModelFileError:
+        raise
+    except Exception as err:  # diffusers and peft refuse a bad config with many error types
+        raise ModelFileError(f"{source}: its backbone config cannot be built ({type(err).__name__}: {err})") from None
+
+
+def _check_fit(meta: StudentMeta, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse, before any network is built, a file whose tensors are not the ones its metadata implies.
+
+    The metadata decides what gets built, so without this a small file describing a giant UNet
+    allocates it (9 GB and more) before its weights are ever compared. The student is built on the
+    meta device instead; its names, shapes and weight count are compared with the file's index.
+    """
+    parts = _meta_parts(meta, source)
+    model = {f"{p}.{k}": tuple(v.shape) for p in ("unet", "vae") for k, v in getattr(parts, p).state_dict().items()}
+    if meta.weights == "full":
+        required, optional = {k: v for k, v in model.items() if "lora_" not in k}, {}
+    else:  # the LoRA weights, and the layers trained in full that such files may carry
+        required = {k: v for k, v in model.items() if "lora_" in k}
+        optional = {k: v for k, v in model.items() if k.startswith("unet.conv_in.")}
+    conditioning = {"prompt_embeds", *backbone_family(meta.backbone).extra_embeds()}  # the student checks these
+    held = {k: v for k, v in shapes.items() if k not in conditioning}
+    unexpected = sorted(k for k in held if k not in model)
+    bad_shapes = [f"{k} {held[k]} != {model[k]}" for k in held if k in model and held[k] != model[k]]
+    missing = sorted(k for k in required if k not in held)
+    problem = ""
     if unexpected:
+        problem = f"{len(unexpected)} weights do not fit the {meta.backbone.name} backbone, e.g. {unexpected[:3]}"
+    elif bad_shapes:
+        problem = f"{len(bad_shapes)} weights have the wrong shape, e.g. {bad_shapes[:3]}"
+    elif missing:
+        kind = "" if meta.weights == "full" else "LoRA "
+        problem = f"{len(missing)} {kind}weights are missing, e.g. {missing[:3]}"
+    if problem:
+        implied = sum(math.prod(v) for v in required.values())
+        implied += sum(math.prod(optional[k]) for k in held if k in optional)
+        count = sum(math.prod(v) for v in held.values())
+        if implied != count:
+            problem = (
+                f"its metadata describes a {meta.backbone.name} backbone with {_count(implied)} weights to store, "
+                f"but the file holds {_count(count)}: {problem}"
+            )
+        raise ModelFileError(f"{source}: {problem}")
+    if "prompt_embeds" not in shapes and math.prod(meta.backbone.prompt_embed_shape) > MAX_PLACEHOLDER_VALUES:
         raise ModelFileError(
-            f"{source}: {len(unexpected)} weights do not fit the {student.config.name} backbone, e.g. {unexpected[:3]}"
+            f"{source}: its prompt_embed_shape {tuple(meta.backbone.prompt_embed_shape)} is too large for an "
+            "embedding the file does not store"
         )
-    bad_shapes = [
-        f"{k} {tuple(v.shape)} != {tuple(model_state[k].shape)}" for k, v in tensors.items() if v.shape != model_state[k].shape
-    ]
-    if bad_shapes:
-        raise ModelFileError(f"{source}: {len(bad_shapes)} weights have the wrong shape, e.g. {bad_shapes[:3]}")
-    if strict_full:
-        missing = sorted(k for k in model_state if k not in tensors and "lora_" not in k)
-        if missing:
-            raise ModelFileError(f"{source}: {len(missing)} weights are missing, e.g. {missing[:3]}")
-    else:
-        missing = sorted(k for k in model_state if "lora_" in k and k not in tensors)
-        if missing:
-            raise ModelFileError(f"{source}: {len(missing)} LoRA weights are missing, e.g. {missing[:3]}")
-    for part in ("unet", "vae"):
-        prefix = part + "."
-        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        getattr(student, part).load_state_dict(sub, strict=False)
+
+
+def _read_tensors(f: Any, source: str) -> dict[str, torch.Tensor]:
+    """Every tensor of an open file, each checked once for NaN and infinity.
+
+    A single NaN weight makes every output black (NaN clamps to 0), and the run would still report
+    success; the check costs a fraction of the read.
+    """
+    tensors = {}
+    for key in f.keys():
+        try:
+            tensor = f.get_tensor(key)
+        except Exception as err:  # safetensors' own error types
+            raise ModelFileError(f"{source}: the file is damaged, a tensor could not be read ({err})") from None
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteWeights(
+                f"{source}: {key} holds {bad} NaN or infinite values (of {tensor.numel()}); the file is damaged, "
+                "or the training that wrote it diverged",
+                tensor=key,
+                count=bad,
+            )
+        tensors[key] = tensor
+    return tensors
 
 
 def load_student(path: str | Path, base: Any = None) -> OneStepStudent:
     """Build the student a file describes, on the CPU in float32.
 
     ``base`` supplies backbone weights for LoRA files: an object with ``.vae`` and ``.unet``
-    (see ``vpdsr.weights.load_base``). Full-weight files need none.
+    (see ``vpdsr.weights.load_base``). Full-weight files need none. Nothing is built until the
+    file's tensor index fits its metadata (``_check_fit``) and every weight is finite.
     """
     path = Path(path)
     meta = read_meta(path)
+    if meta.weights == "lora" and base is None:
+        raise MissingBaseError(
+            f"{path.name} is a LoRA student for the {meta.backbone.name} backbone and needs its base weights: "
+            "a diffusers folder or a single-file .safetensors checkpoint",
+            backbone=meta.backbone.name,
+            path=str(path),
+        )
     with _open(path) as f:
         try:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as err:
             raise ModelFileError(f"{path.name}: the file is damaged, a tensor could not be read ({err})") from None
+        _check_fit(meta, shapes, path.name)
+        tensors = _read_tensors(f, path.name)
     prompt_embeds = tensors.pop("prompt_embeds", None)
+    extras = {k: tensors.pop(k) for k in backbone_family(meta.backbone).extra_embeds() if k in tensors}
     if meta.weights == "lora":
-        if base is None:
-            raise ModelFileError(
-                f"{path.name} holds LoRA weights for the {meta.backbone.name} backbone and needs its base weights: "
-                "pass --base with a diffusers folder or a single-file .safetensors checkpoint"
-            )
         vae, unet = base.vae, base.unet
     else:
         parts = build_backbone(meta.backbone)
@@ -227,8 +421,12 @@ def load_student(path: str | Path, base: Any = None) -> OneStepStudent:
     for spec in meta.lora:
         add_lora(unet if spec.part == "unet" else vae, spec)
     try:
-        student = OneStepStudent(vae, unet, meta.backbone, timestep=meta.timestep, prompt_embeds=prompt_embeds)
+        student = OneStepStudent(vae, unet, meta.backbone, timestep=meta.timestep, prompt_embeds=prompt_embeds,
+                                 extra_embeds=extras)  # fmt: skip
     except ValueError as err:
         raise ModelFileError(f"{path.name}: {err}") from None
-    _apply_state(student, tensors, path.name, strict_full=meta.weights == "full")
+    for part in ("unet", "vae"):
+        prefix = part + "."
+        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        getattr(student, part).load_state_dict(sub, strict=False)
     return student.eval().requires_grad_(False)

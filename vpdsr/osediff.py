@@ -14,9 +14,13 @@ OSEDiff (Wu et al., 2024, github.com/cswry/OSEDiff) fine-tunes SD 2.1-base with 
 Its ``LoraConfig``s never set ``lora_alpha``, so peft's default of 8 applies and every adapter
 scales by ``8 / rank``; that number is not in the file, so it is written into ours explicitly.
 
+The imported file records OSEDiff's input preprocessing (``OSEDIFF_PREPROCESS``): its test script
+resizes the 8-bit LR with PIL's BICUBIC (``Image.resize``'s default filter) and feeds sides that
+are multiples of 8, so the pipeline does the same for this model, and for no other.
+
 What stays different from OSEDiff's own inference: it samples the VAE posterior, vpdsr uses its
 mean (deterministic output); it prompts each image with DAPE tags, an imported file keeps one
-fixed prompt, embedded at load time with the base's text encoder.
+fixed prompt, embedded at load time with the base's text encoder. The README lists the rest.
 """
 
 from __future__ import annotations
@@ -32,14 +36,23 @@ from torch import nn
 from .backbones import BackboneConfig, backbone_config, build_backbone
 from .errors import ModelFileError
 from .lora import LoraSpec, add_lora
-from .modelfile import StudentMeta, write_model_file
+from .modelfile import Preprocess, StudentMeta, write_model_file
 from .weights import load_torch_checkpoint
 
-__all__ = ["OSEDIFF_LORA_ALPHA", "OSEDIFF_TIMESTEP", "convert_osediff", "osediff_lora_specs", "osediff_lora_targets"]
+__all__ = [
+    "OSEDIFF_LORA_ALPHA",
+    "OSEDIFF_PREPROCESS",
+    "OSEDIFF_TIMESTEP",
+    "convert_osediff",
+    "osediff_lora_specs",
+    "osediff_lora_targets",
+]
 
 OSEDIFF_LORA_ALPHA = 8.0  # peft's LoraConfig default, which OSEDiff relies on
 OSEDIFF_TIMESTEP = 999
 OSEDIFF_SCALE = 4
+# test_osediff.py: Image.resize(4x) with PIL's default BICUBIC, then sides brought to multiples of 8
+OSEDIFF_PREPROCESS = Preprocess(resize="pil-bicubic-uint8", pad_multiple=8)
 # checkpoint key holding each adapter's target list, per part and adapter name
 ADAPTERS = {
     ("unet", "default_encoder"): "unet_lora_encoder_modules",
@@ -97,10 +110,12 @@ def osediff_lora_specs(checkpoint: dict[str, Any]) -> list[LoraSpec]:
 def convert_osediff(
     checkpoint: str | Path,
     output: str | Path,
-    backbone: str | dict[str, Any] | BackboneConfig = "sd21-base",
+    backbone: str | Path | dict[str, Any] | BackboneConfig = "sd21-base",
     prompt: str = "",
 ) -> Path:
     """Write an OSEDiff checkpoint as a vpdsr LoRA student file; returns the output path.
+
+    ``backbone`` is a bundled name, a backbone JSON file, or a config (see ``backbone_config``).
 
     Nothing SD-sized is allocated: the names and shapes are checked against the backbone built on
     the meta device, and the file's own tensors are copied over unchanged.
@@ -124,13 +139,15 @@ def convert_osediff(
         prompt=prompt,
         has_prompt_embeds=False,
         name=out.stem,
+        preprocess=OSEDIFF_PREPROCESS,
         training={
             "source": "OSEDiff (github.com/cswry/OSEDiff), imported with `vpdsr convert-osediff`",
             "imported_file": src.name,
             "imported_sha256": _sha256(src),
             "lora_alpha": f"{OSEDIFF_LORA_ALPHA:g} (peft's default, which OSEDiff uses)",
-            "differences": "vpdsr encodes with the VAE posterior mean (OSEDiff samples it) and uses one fixed "
-            "prompt (OSEDiff prompts each image with DAPE tags)",
+            "differences": "vpdsr encodes with the VAE posterior mean (OSEDiff samples it), uses one fixed "
+            "prompt (OSEDiff prompts each image with DAPE tags) and defaults to the wavelet colour fix (OSEDiff's "
+            "script to AdaIN)",
         },
     )
     return write_model_file(out, meta, tensors)

@@ -238,7 +238,9 @@ def _check_writable(folder: Path) -> None:
     if not existing.is_dir():
         raise VPDError(f"cannot write to {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise VPDError(f"cannot write to {folder}: no permission to write in {existing}")
+        read_only = hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY
+        why = "it is on a read-only file system" if read_only else "no permission to write in it"
+        raise VPDError(f"cannot write to {folder}: {existing} is not writable ({why})")
 
 
 def _self_and_parents(path: Path) -> Iterable[Path]:

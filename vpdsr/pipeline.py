@@ -10,20 +10,23 @@ from __future__ import annotations
 import gc
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .color import COLOR_FIXES, DEFAULT_COLOR_FIX, apply_color_fix
-from .errors import ModelFileError, OutOfMemory, VPDError
+from .color import COLOR_FIXES, DEFAULT_COLOR_FIX, color_fix_
+from .errors import ModelFileError, NoDefaultModel, NonFiniteOutput, OutOfMemory, VPDError
 from .imageio import join_image, split_image
 from .model import OneStepStudent
 from .modelfile import StudentMeta, load_student, read_meta
 from . import layerwise
+from .threads import cpu_threads
 
 __all__ = ["VPDPipeline", "default_model_path", "load_pipeline", "resolve_device", "resolve_dtype", "scale_note"]
 
@@ -112,6 +115,8 @@ class VPDPipeline:
         self.text_encoder = text_encoder
         self.device = device
         self.dtype = dtype
+        # CPU threads per call; None picks them per call from the cores other work leaves free (vpdsr.threads)
+        self.threads: int | None = None
         self.student.to(device=device, dtype=dtype)
 
     @property
@@ -141,7 +146,12 @@ class VPDPipeline:
 
     @property
     def multiple(self) -> int:
-        """Pixel sizes must divide by this: the VAE factor times the UNet's own downsampling."""
+        """Pixel sizes are padded up to a multiple of this: the model file's ``preprocess.pad_multiple``
+        (8 for OSEDiff, whose script feeds multiples of 8), else the VAE factor times the UNet's own
+        downsampling. The VAE needs only its factor: diffusers' UNet, and ``vpdsr.layerwise`` with it,
+        resize each upsampling to its skip connection's size, so latents of any size run."""
+        if self.meta.preprocess.pad_multiple:
+            return self.meta.preprocess.pad_multiple
         unet_down = 2 ** (len(self.student.unet.config.block_out_channels) - 1)
         return self.student.vae_factor * unet_down
 
@@ -168,7 +178,6 @@ class VPDPipeline:
         scale: float | None = None,
         prompt: str | None = None,
         tile: int | None = None,
-        overlap: int = 64,
         color_fix: str = DEFAULT_COLOR_FIX,
         mask: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
@@ -179,8 +188,8 @@ class VPDPipeline:
         ``scale`` defaults to the model's own. A smaller one is the native result brought down to size
         (``_project_down``); a larger one, or x1, warns once (see ``scale_note``). ``tile`` is in
         pixels of the network's output, which is larger than the result below the model's own scale.
-        ``overlap`` is accepted and ignored: tiles run layer by layer with exact halos
-        (``vpdsr.layerwise``), so neighbouring tiles need no shared pixels to blend.
+        Tiles run layer by layer with exact halos (``vpdsr.layerwise``), so neighbouring tiles share
+        no pixels and need no overlap to blend.
         """
         if image.dim() == 3:
             image = image.unsqueeze(0)
@@ -204,7 +213,8 @@ class VPDPipeline:
             tile = 0 if run_h * run_w <= 1024 * 1024 else (1024 if self.device.type == "cuda" else 512)
         while True:
             try:
-                y = self._upscale(image, run_h, run_w, cond, tile, color_fix, mask, progress, should_stop)
+                with cpu_threads(self.threads) if self.device.type == "cpu" else nullcontext():
+                    y = self._upscale(image, run_h, run_w, cond, tile, color_fix, mask, progress, should_stop)
                 return _project_down(y, image, out_h, out_w)
             except _OOM_ERRORS:
                 gc.collect()
@@ -212,9 +222,13 @@ class VPDPipeline:
                     torch.cuda.empty_cache()
                 current = tile or max(run_h, run_w)
                 if current // 2 < MIN_TILE:
+                    dtype = str(self.dtype).removeprefix("torch.")
                     raise OutOfMemory(
-                        f"out of {self.device.type} memory even with {current}px tiles; free memory, use --dtype fp16, "
-                        "or run on the CPU"
+                        f"out of {self.device.type} memory even with {current}px tiles in {dtype}; free memory, "
+                        "run in half precision, or run on the CPU",
+                        device=self.device.type,
+                        tile=current,
+                        dtype=dtype,
                     ) from None
                 tile = current // 2
 
@@ -228,7 +242,7 @@ class VPDPipeline:
     def _upscale(self, image, out_h, out_w, cond, tile, color_fix, mask, progress, should_stop):  # noqa: ANN001
         s, m = self.student, self.multiple
         f = s.vae_factor
-        x = F.interpolate(image.float(), size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
+        x = resize_input(image, out_h, out_w, self.meta.preprocess.resize)
         pad_h, pad_w = ceil_to(out_h, m) - out_h, ceil_to(out_w, m) - out_w
         mode = "reflect" if pad_h < out_h and pad_w < out_w else "replicate"
         x_pad = F.pad(x * 2 - 1, (0, pad_w, 0, pad_h), mode=mode).to(self.device, self.dtype)
@@ -252,15 +266,20 @@ class VPDPipeline:
 
         run: dict[str, Any] = dict(device=self.device, step=step, should_stop=should_stop)
         z = layerwise.encode_mean(s.vae, x_pad, tile=tile_px, **run).to(self.device) * s.config.scaling_factor
-        t, cond_batch = s.unet_inputs(z, cond)
-        x0 = s.x0(z, layerwise.unet_forward(s.unet, z, t, cond_batch, tile=lt, **run).to(self.device))
+        guide = x_pad if s.refiner is not None else None  # only a refiner reads the input again: without one,
+        del x_pad  # its memory (576 MB at 8000x6000) is free while the UNet and the decoder run
+        x0 = s.x0(z, layerwise.unet_forward(s.unet, z, **s.unet_inputs(z, cond), tile=lt, **run).to(self.device))
         if mask is not None:
             x0 = self._blend_mask(x0, z, mask, out_h // f, out_w // f)
         y = layerwise.decode(s.vae, x0 / s.config.scaling_factor, tile=lt, **run)
-        if s.refiner is not None:
-            y = layerwise.refine(s.refiner, y.to(self.device), x_pad, tile=tile_px, **run)
-        y = ((y.float()[:, :, :out_h, :out_w] + 1) / 2).clamp(0, 1).cpu()
-        return apply_color_fix(y, x, color_fix).clamp(0, 1)
+        if guide is not None:
+            y = layerwise.refine(s.refiner, y.to(self.device), guide, tile=tile_px, **run)
+        del guide
+        _check_finite(y, self.dtype)
+        # Whole-image work from here on runs in place: one float copy of the result beside ``x``, which the
+        # colour fix takes as scratch, and a few bands of rows (at 8000x6000 one copy is 576 MB).
+        y = y[:, :, :out_h, :out_w].to("cpu", torch.float32).add_(1).div_(2).clamp_(0, 1)
+        return color_fix_(y, x.cpu(), color_fix, levels=self.meta.wavelet_levels).clamp_(0, 1)
 
     @staticmethod
     def _check_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
@@ -292,8 +311,44 @@ class VPDPipeline:
         rgb = self(parts.rgb, **options)
         alpha = None
         if parts.alpha is not None:
-            alpha = F.interpolate(parts.alpha, size=rgb.shape[2:], mode="bicubic", align_corners=False).clamp(0, 1)
+            alpha = F.interpolate(parts.alpha, size=rgb.shape[2:], mode="bicubic", align_corners=False).clamp_(0, 1)
         return join_image(rgb, parts, alpha)
+
+
+def resize_input(image: torch.Tensor, height: int, width: int, method: str = "torch-bicubic") -> torch.Tensor:
+    """The LR batch in [0, 1] resized to the network's size with the model's kernel (``Preprocess.resize``).
+
+    ``"pil-bicubic-uint8"`` is what OSEDiff's test script does, PIL's BICUBIC on the 8-bit RGB image:
+    its kernel (a = -0.5) and 8-bit output differ from torch's bicubic (a = -0.75) by up to 0.056 on
+    DRealSR inputs, which the model amplifies. An image with more than 8 bits (a 16-bit PNG) gets the
+    same filter on float channels (PIL mode F), so its depth survives.
+    """
+    if method == "torch-bicubic":
+        return F.interpolate(image.float(), size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = image.detach().float().cpu().clamp(0, 1)
+    levels = (x * 255).round()
+    if torch.equal(levels / 255, x):
+        rgb = levels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out = np.stack([np.asarray(Image.fromarray(a).resize((width, height), Image.BICUBIC)) for a in rgb])
+        return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
+    out = np.array([[np.asarray(Image.fromarray(c).resize((width, height), Image.BICUBIC)) for c in a]
+                    for a in x.numpy()])  # fmt: skip
+    return torch.from_numpy(out).clamp(0, 1)
+
+
+def _check_finite(y: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse a network output with NaN or infinity in it: clamped, it would be a black or white image
+    that looks like a result. One float32 sum finds any (NaN and infinity survive it) without a
+    full-size mask; a finite sum could only overflow for values no image comes near."""
+    if torch.isfinite(y.sum(dtype=torch.float32)):
+        return
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
+    why = {
+        "float16": ": float16 overflowed, as it does for some models; run in float32 or bfloat16",
+        "bfloat16": " in bfloat16; run in float32 to rule out precision as the cause",
+        "float32": " even in float32: the model or its base weights are likely broken",
+    }[name]
+    raise NonFiniteOutput(f"the network's output has NaN or infinite values{why}", dtype=name)
 
 
 def _project_down(result: torch.Tensor, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -326,18 +381,10 @@ def load_pipeline(
     """Load a student file (or the embedded default) and, for LoRA students, its base weights."""
     path = Path(model) if model is not None else default_model_path()
     if path is None:
-        raise ModelFileError(
-            "no embedded default model ships with this version of vpdsr yet; pass a student file "
-            "(e.g. `vpdsr upscale photo.png --model student.safetensors`)"
-        )
+        raise NoDefaultModel("no embedded default model ships with this version of vpdsr yet; a student file is needed")
     meta = read_meta(path)
     base_parts = text_encoder = None
-    if meta.weights == "lora":
-        if base is None:
-            raise ModelFileError(
-                f"{path.name} is a LoRA student for the {meta.backbone.name} backbone; pass its base weights "
-                "(a diffusers folder or a single-file .safetensors checkpoint) with --base"
-            )
+    if meta.weights == "lora" and base is not None:  # without one, load_student raises MissingBaseError
         from .weights import load_base
 
         base_parts = load_base(meta.backbone, base, allow_download=allow_download)

@@ -1,0 +1,219 @@
+"""Hostile files and faults (#13): special files, decompression bombs, unwritable outputs, and
+whole-image work after the tiles that must not hold several float copies of the image."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import photo_like
+from vpdsr import imageio
+from vpdsr.cli import main
+from vpdsr.color import _low_frequency, apply_color_fix, color_fix_, wavelet_color_fix
+from vpdsr.errors import ImageError
+from vpdsr.imageio import ImageParts, file_size_limit, join_image, load_image, save_image
+
+MISSING_MODEL = "no-such-model.safetensors"  # a refusal must come before the model would load
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _png(width: int, height: int, bit_depth: int, color_type: int, idat: bytes) -> bytes:
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+# --- special files --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero here")
+def test_dev_zero_is_refused_unread(capsys):
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image("/dev/zero")
+    assert main(["upscale", "/dev/zero", "-o", "unused-out", "--model", MISSING_MODEL, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "not a regular file" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_and_folder_are_refused_without_blocking(tmp_path: Path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # no writer: a plain open() would wait for one forever
+    with pytest.raises(ImageError, match=r"pipe\.png: not a regular file \(a device, pipe or socket\)"):
+        load_image(fifo)
+    with pytest.raises(ImageError, match=r"not a regular file \(a folder\)"):
+        load_image(tmp_path)
+
+
+def test_reads_stop_at_the_file_size_limit(tmp_path: Path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (8, 8)).save(path)
+    with open(path, "ab") as f:  # a valid image followed by more bytes than any image of the limit needs
+        f.truncate(file_size_limit(100) + 1)
+    with pytest.raises(ImageError, match="larger than .* MB, more than any image within the pixel limit"):
+        load_image(path, max_pixels=100)
+
+    class Endless:  # a stream that never ends, as /dev/zero opened by the caller would be
+        def read(self, n: int) -> bytes:
+            return b"\0" * n
+
+    with pytest.raises(ImageError, match="larger than"):
+        load_image(Endless(), max_pixels=100)
+
+
+# --- decompression bombs -------------------------------------------------------------------------
+
+
+def test_bomb_header_gets_the_megapixel_message():
+    bomb = _png(100_000, 100_000, 8, 2, zlib.compress(b"\0" * 64))  # 10 gigapixels declared, 100 bytes of file
+    with pytest.raises(ImageError, match=r"100000x100000 is 10000\.0 megapixels, above the limit of 40\.0") as err:
+        load_image(bomb, name="bomb.png")
+    assert "corrupt" not in str(err.value)
+
+
+def test_real_big_but_cheap_image_gets_the_megapixel_message(tmp_path: Path, monkeypatch):
+    width, height = 20_000, 10_000  # 200 megapixels, past Pillow's own error limit (179), all black
+    row = b"\0" * (1 + width // 8)  # filter byte and a 1-bit row
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    path = tmp_path / "black.png"
+    path.write_bytes(_png(width, height, 1, 0, idat))
+    with monkeypatch.context() as patch:  # a valid PNG of a few kB, as Pillow sees it without its limit
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+        assert Image.open(path).size == (width, height) and path.stat().st_size < 100_000
+    with pytest.raises(ImageError, match=r"20000x10000 is 200\.0 megapixels, above the limit of 40\.0"):
+        load_image(path)
+
+
+def test_our_pixel_limit_replaces_pillows(tmp_path: Path, monkeypatch):
+    path = tmp_path / "img.png"
+    Image.fromarray(photo_like(40, 50)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow would call 2000 pixels a bomb
+    assert load_image(path, max_pixels=2_000).size == (50, 40)  # a limit raised past Pillow's is honoured
+    with pytest.raises(ImageError, match=r"50x40 is 0\.0 megapixels, above the limit of 0\.0"):
+        load_image(path, max_pixels=1_999)
+
+
+# --- unwritable outputs --------------------------------------------------------------------------
+
+
+def test_unwritable_output_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch, capsys):
+    src = tmp_path / "a.png"
+    Image.fromarray(photo_like(8, 8)).save(src)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: make the check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
+    assert main(["upscale", str(src), "-o", str(locked / "out"), "--model", MISSING_MODEL, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to {locked / 'out'}: {locked} is not writable" in err
+    assert MISSING_MODEL not in err and "Traceback" not in err
+
+
+def test_a_write_failure_is_reported_per_file_and_the_others_go_on(tmp_path: Path, monkeypatch, capsys):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(photo_like(8, 8)).save(tmp_path / name)
+    real_save = imageio.save_image
+
+    def read_only_for_a(image: Image.Image, path: Path) -> Path:
+        if Path(path).name == "a.png":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_save(image, path)
+
+    monkeypatch.setattr(imageio, "save_image", read_only_for_a)
+    out = tmp_path / "out"
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"failed: {out / 'a.png'}: cannot write the result ({os.strerror(errno.EROFS)})" in err
+    assert "wrote 1 image" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["b.png"]
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path: Path, monkeypatch):
+    def disk_full(self: Path, target: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "replace", disk_full)
+    with pytest.raises(OSError):
+        save_image(Image.new("RGB", (4, 4)), tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- whole-image work after the tiles ------------------------------------------------------------
+
+
+def _grouped_conv_low_frequency(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """The a-trous decomposition as it was first written: a grouped 3x3 convolution per level."""
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]).expand(image.shape[1], 1, 3, 3) / 16
+    for i in range(levels):
+        d = 2**i
+        padded = F.pad(image, (d, d, d, d), mode="reflect" if min(image.shape[-2:]) > d else "replicate")
+        image = F.conv2d(padded, kernel, groups=image.shape[1], dilation=d)
+    return image
+
+
+def _to_8bit(t: torch.Tensor) -> np.ndarray:
+    return (t.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy().astype(int)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 300, 90), (2, 3, 45, 70), (1, 3, 12, 9)])
+@pytest.mark.parametrize("band", [1, 40, 1000])
+def test_color_fix_in_bands_equals_the_whole_image_one(shape, band):
+    generator = torch.Generator().manual_seed(sum(shape))
+    image, reference = torch.rand(shape, generator=generator), torch.rand(shape, generator=generator)
+    for method in ("wavelet", "adain"):
+        whole = apply_color_fix(image, reference, method)
+        banded = color_fix_(image.clone(), reference.clone(), method, band=band)
+        assert torch.allclose(banded, whole, atol=1e-6), method
+        assert np.abs(_to_8bit(banded) - _to_8bit(whole)).max() <= 1
+    deeper = color_fix_(image.clone(), reference.clone(), "wavelet", levels=7, band=band)  # a 127-row halo
+    assert torch.allclose(deeper, wavelet_color_fix(image, reference, levels=7), atol=1e-6)
+    first = image - _grouped_conv_low_frequency(image) + _grouped_conv_low_frequency(reference)
+    assert torch.allclose(_low_frequency(image, 5), _grouped_conv_low_frequency(image), atol=1e-6)
+    assert np.abs(_to_8bit(apply_color_fix(image, reference, "wavelet")) - _to_8bit(first)).max() <= 1
+
+
+@pytest.mark.parametrize(("grayscale", "bits", "with_alpha"), [(False, 8, False), (True, 8, True), (False, 16, True)])
+def test_banded_conversion_to_integers_equals_the_whole_image_one(monkeypatch, grayscale, bits, with_alpha):
+    monkeypatch.setattr(imageio, "_BAND_ROWS", 7)
+    generator = torch.Generator().manual_seed(1)
+    rgb = torch.rand(1, 3, 30, 11, generator=generator) * 1.2 - 0.1  # a little out of range, as results can be
+    alpha = torch.rand(1, 1, 30, 11, generator=generator) if with_alpha else None
+    image = join_image(rgb, ImageParts(rgb=rgb, alpha=None, grayscale=grayscale, bits=bits, icc=None), alpha)
+    whole = rgb.clamp(0, 1)
+    if grayscale:
+        whole = (whole * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if alpha is not None:
+        whole = torch.cat([whole, alpha], 1)
+    peak = 65535 if bits == 16 else 255
+    dtype = np.uint16 if bits == 16 else np.uint8
+    expected = (whole[0].permute(1, 2, 0).numpy().clip(0, 1) * float(peak) + 0.5).astype(dtype)
+    got = image.info["vpdsr_png16"] if bits == 16 else np.asarray(image)
+    assert np.array_equal(got.reshape(expected.shape), expected)
+
+
+def test_16bit_png_is_written_in_bands(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(imageio, "_BAND_ROWS", 3)
+    array = np.random.default_rng(0).integers(0, 65536, (10, 5, 3), dtype=np.uint16)
+    path = tmp_path / "x.png"
+    imageio._write_png16(path, array, None)
+    data, pos, idat = path.read_bytes(), 8, b""
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos : pos + 4]), data[pos + 4 : pos + 8]
+        idat += data[pos + 8 : pos + 8 + length] if kind == b"IDAT" else b""
+        pos += 12 + length
+    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(10, 1 + 5 * 3 * 2)
+    assert not rows[:, 0].any()  # filter 0 on every row
+    assert np.array_equal(rows[:, 1:].copy().view(">u2").reshape(10, 5, 3), array)
