@@ -3,11 +3,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vpdsr import OneStepStudent, build_backbone, load_student, read_meta, save_student
+from vpdsr.color import color_fix_
 from vpdsr.errors import ModelFileError
 from vpdsr.lora import UNET_TARGET_SUFFIXES, LoraSpec, add_lora, default_lora_targets, merge_lora
+from vpdsr.pipeline import VPDPipeline, default_model_path
 
 
 def _student(seed: int = 0) -> OneStepStudent:
@@ -73,8 +76,6 @@ def good_file(tmp_path: Path) -> Path:
 
 
 def _rewrite(src: Path, dst: Path, tensors=None, meta=None) -> Path:
-    from safetensors import safe_open
-
     with safe_open(str(src), "pt") as f:
         header = dict(f.metadata())
     data = load_file(str(src)) if tensors is None else tensors
@@ -123,4 +124,34 @@ def test_plain_safetensors_is_not_a_model(tmp_path: Path):
     path = tmp_path / "plain.safetensors"
     save_file({"a": torch.zeros(1)}, str(path))
     with pytest.raises(ModelFileError, match="not a vpdsr model"):
+        read_meta(path)
+
+
+def test_wavelet_levels_are_the_models_and_steer_the_default_colour_fix(tmp_path: Path):
+    assert read_meta(default_model_path()).wavelet_levels == 3  # chosen on DRealSR, see MODEL_CARD.md
+    student = _student()
+    five = read_meta(save_student(tmp_path / "five.safetensors", student))
+    three = read_meta(save_student(tmp_path / "three.safetensors", student, wavelet_levels=3))
+    assert (five.wavelet_levels, three.wavelet_levels) == (5, 3)
+    image = torch.rand(1, 3, 24, 20)
+    outputs = {}
+    for meta in (five, three):
+        pipe = VPDPipeline(student, meta, torch.device("cpu"), torch.float32)
+        outputs[meta.wavelet_levels] = pipe(image)
+        raw = pipe(image, color_fix="none")
+        bicubic = torch.nn.functional.interpolate(image, size=raw.shape[2:], mode="bicubic").clamp(0, 1)
+        expected = color_fix_(raw.clone(), bicubic, "wavelet", levels=meta.wavelet_levels).clamp(0, 1)
+        assert (outputs[meta.wavelet_levels] - expected).abs().max() < 1e-5
+    assert (outputs[5] - outputs[3]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("levels", [0, 9, 2.5, "3"])
+def test_wavelet_levels_out_of_range_are_refused(tmp_path: Path, levels):
+    path = save_student(tmp_path / "s.safetensors", _student())
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["vpdsr"])
+    meta["wavelet_levels"] = levels
+    save_file(tensors, path, metadata={"vpdsr": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match="wavelet_levels"):
         read_meta(path)
