@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("vpdsr demo: stopping", flush=True)
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not skip the clean-up
+            signal.signal(signum, signal.SIG_IGN)
         # the jobs first, so that no worker writes into the folder once it is gone; then the
         # server, whose close() also ends the open pages' streams instead of waiting for them
         if models is not None:

@@ -8,6 +8,7 @@ user can cause arrives here as a ``vpdsr.errors.VPDError`` with a readable messa
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import shutil
 import tempfile
 import threading
@@ -122,7 +123,8 @@ class ModelJobs:
         with self._lock:
             self._stops[stop] = session
         try:
-            future = asyncio.wrap_future(self._pool.submit(_start, work, stop))
+            # gr.Progress finds its event through context variables: the worker runs in a copy of ours
+            future = asyncio.wrap_future(self._pool.submit(contextvars.copy_context().run, _start, work, stop))
             try:
                 return await asyncio.shield(future)  # a cancel must reach this task, not the worker's future
             except asyncio.CancelledError:

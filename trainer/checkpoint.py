@@ -140,7 +140,7 @@ def _fsync(path: Path) -> None:
     folder = path.is_dir()
     if folder and not hasattr(os, "O_DIRECTORY"):
         return  # Windows cannot open a folder; NTFS journals the rename itself
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    fd = os.open(path, os.O_DIRECTORY if folder else os.O_RDWR)  # Windows' fsync needs a writable handle
     try:
         os.fsync(fd)
     except OSError as err:
@@ -200,7 +200,10 @@ def _read_checkpoint(folder: Path, device: torch.device) -> _Saved:
     """Every file of ``folder``; sizes are checked first, so that a file cut short is named as
     such rather than by a parser's error."""
     info = _read(folder, "state.json", _read_info)
-    for name, size in info.get("files", {}).items():  # checkpoints written before #13 have no sizes
+    files = info.get("files", {})  # checkpoints written before #13 have no sizes
+    if not isinstance(files, dict):
+        raise CorruptCheckpoint(folder, "state.json's file list is not a mapping")
+    for name, size in files.items():
         actual = _read(folder, name, lambda p: p.stat().st_size)
         if actual != size:
             raise CorruptCheckpoint(folder, f"{name} is {actual} bytes, {size} were written")

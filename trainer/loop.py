@@ -48,7 +48,11 @@ class TrainingInterrupted(RuntimeError):
     """Stopped on request (Ctrl-C, SIGTERM) after a checkpoint was written; resume with ``--resume``."""
 
     def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGINT) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}")
+        name = signal.Signals(signum).name
+        if checkpoint is None:
+            super().__init__(f"stopped by {name} while setting up, before step {step + 1}; nothing new was written")
+        else:
+            super().__init__(f"stopped by {name} after step {step}; checkpoint: {checkpoint}")
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
 
 
@@ -244,6 +248,9 @@ def _train(cfg: TrainConfig, resume: str | None, progress: bool, stop: _StopFlag
 
     bar = tqdm(total=steps, initial=start, disable=not (main and progress), dynamic_ncols=True, unit="step")
     step = start
+    if stop.requested and step < steps:  # asked during set-up (loading weights, resuming): no step is owed
+        bar.close()
+        raise TrainingInterrupted(start, None, stop.signum or signal.SIGINT)
     while step < steps:
         _, hr, lr = next(inputs)
         generator = torch.Generator(acc.device).manual_seed(derive_seed(cfg.seed, step, rank, _STEP))

@@ -325,6 +325,8 @@ def resize_input(image: torch.Tensor, height: int, width: int, method: str = "to
     """
     if method == "torch-bicubic":
         return F.interpolate(image.float(), size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+    if method != "pil-bicubic-uint8":
+        raise ValueError(f"unknown resize {method!r}")
     x = image.detach().float().cpu().clamp(0, 1)
     levels = (x * 255).round()
     if torch.equal(levels / 255, x):
