@@ -255,3 +255,19 @@ def test_sigterm_stops_a_running_job_and_removes_every_file(script_demo: tuple[A
     assert server.wait(timeout=GUARD_S) == 0
     assert not work.exists() and not [p for p in temp.rglob("*") if p.is_file()]
     client.close()
+
+
+def test_progress_reaches_the_page_through_the_queue(
+    served: tuple[Client, engine.DemoModels, StepCounter], files: Path
+) -> None:
+    """The job's worker thread must see the event's context: gr.Progress finds its event there."""
+    client, models, counter = served
+    job = client.submit(handle_file(str(files / "half.png")), 4, "256", "adain", "", api_name="/upscale")
+    seen: set[float] = set()
+    while not job.done():
+        status = job.status()
+        if status.progress_data:
+            seen.add(round(status.progress_data[0].progress or 0.0, 3))
+        time.sleep(0.02)
+    job.result(timeout=GUARD_S)
+    assert len(seen) >= 2, f"the page saw progress {sorted(seen)}"
