@@ -37,7 +37,7 @@ from vpdsr.errors import (
 )
 from vpdsr.imageio import load_image, pil_to_tensor, save_image
 from vpdsr.modelfile import StudentMeta
-from vpdsr.pipeline import MAX_SCALE, MIN_SCALE, resolve_device, scale_note
+from vpdsr.pipeline import network_scale, resolve_device, resolve_scale, scale_note
 from vpdsr.semantics import InspectionReport, SemanticModel
 
 Progress = Callable[[float, str], None]  # fraction done in [0, 1], what is being done
@@ -205,11 +205,6 @@ class DemoModels:
         """The scale a request runs at, as the pipeline resolves it: its own, or the model's for None."""
         return self.default_scale if options.scale is None else options.scale
 
-    def network_scale(self, options: UpscaleOptions) -> float:
-        """The scale the network computes at, as ``VPDPipeline.network_scale`` resolves it (never below
-        the model's own), from the metadata alone: a request is sized before any model loads."""
-        return max(self.scale_of(options), self.default_scale)
-
     def describe(self) -> str:
         """Markdown about the configured model, for the top of the page."""
         if self.model_path is None:
@@ -269,10 +264,10 @@ def check_work(models: DemoModels, sizes: Sequence[tuple[int, int]], options: Up
     ``max_output_pixels``, before any work. A job's time grows with those pixels, the input pixel
     limit alone allows an hour-long x4 job on a CPU, and one job holds the model for everyone.
     ``asked`` says what was asked for, e.g. ``"photo.png: 800×600 at ×4"``."""
-    scale = models.scale_of(options)
-    if not MIN_SCALE <= scale <= MAX_SCALE:
-        return  # the pipeline refuses it with its own message
-    run = models.network_scale(options)
+    if models.meta is None:
+        return  # loading the model refuses the request with its own message
+    scale = resolve_scale(models.meta, options.scale)  # a bad scale gets the pipeline's own message
+    run = network_scale(models.meta, options.scale)  # from the metadata alone: before any model loads
     pixels = [(round(w * run), round(h * run)) for w, h in sizes]
     total, limit = sum(w * h for w, h in pixels), models.config.max_output_pixels
     if total <= limit:

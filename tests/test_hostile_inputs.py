@@ -187,7 +187,7 @@ def test_color_fix_in_bands_equals_the_whole_image_one(shape, band):
 
 @pytest.mark.parametrize(("grayscale", "bits", "with_alpha"), [(False, 8, False), (True, 8, True), (False, 16, True)])
 def test_banded_conversion_to_integers_equals_the_whole_image_one(monkeypatch, grayscale, bits, with_alpha):
-    monkeypatch.setattr(imageio, "_BAND_ROWS", 7)
+    monkeypatch.setattr(imageio, "BAND_ROWS", 7)
     generator = torch.Generator().manual_seed(1)
     rgb = torch.rand(1, 3, 30, 11, generator=generator) * 1.2 - 0.1  # a little out of range, as results can be
     alpha = torch.rand(1, 1, 30, 11, generator=generator) if with_alpha else None
@@ -205,7 +205,7 @@ def test_banded_conversion_to_integers_equals_the_whole_image_one(monkeypatch, g
 
 
 def test_16bit_png_is_written_in_bands(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(imageio, "_BAND_ROWS", 3)
+    monkeypatch.setattr(imageio, "BAND_ROWS", 3)
     array = np.random.default_rng(0).integers(0, 65536, (10, 5, 3), dtype=np.uint16)
     path = tmp_path / "x.png"
     imageio._write_png16(path, array, None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vpdsr.color import COLOR_FIXES, MAX_WAVELET_LEVELS, WAVELET_LEVELS
+from vpdsr.color import COLOR_FIXES, WAVELET_LEVELS, check_wavelet_levels
 
 from .config_loading import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from .data import DataConfig
@@ -201,8 +201,7 @@ class StudentConfig:
         _check_nonnegative(self, "lora_rank", "lora_alpha")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}")
-        if not 1 <= self.wavelet_levels <= MAX_WAVELET_LEVELS:
-            raise ValueError(f"wavelet_levels must be in [1, {MAX_WAVELET_LEVELS}], got {self.wavelet_levels}")
+        check_wavelet_levels(self.wavelet_levels)
         if self.train_vae_decoder and self.lora_rank > 0:
             raise ValueError("train_vae_decoder needs lora_rank 0 (the decoder has no LoRA targets)")
 

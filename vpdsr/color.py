@@ -17,20 +17,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["COLOR_FIXES", "DEFAULT_COLOR_FIX", "adain_color_fix", "apply_color_fix", "color_fix_", "wavelet_color_fix"]
+__all__ = ["COLOR_FIXES", "DEFAULT_COLOR_FIX", "adain_color_fix", "apply_color_fix", "check_wavelet_levels",
+           "color_fix_", "wavelet_color_fix"]  # fmt: skip
 
 COLOR_FIXES = ("none", "adain", "wavelet")
 DEFAULT_COLOR_FIX = "wavelet"
 WAVELET_LEVELS = 5
 MAX_WAVELET_LEVELS = 8  # the last blur reaches 128 px either side
 BAND_ROWS = 256  # rows of the in-place wavelet fix at a time: 24 MB of float RGB at 8000 px wide
+ADAIN_EPS = 1e-5
 
 
-def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def check_wavelet_levels(levels: object) -> int:
+    """``levels`` if it is a level count the wavelet fix takes; a ValueError that says so otherwise."""
+    if type(levels) is not int or not 1 <= levels <= MAX_WAVELET_LEVELS:
+        raise ValueError(f"wavelet_levels must be a whole number from 1 to {MAX_WAVELET_LEVELS}, got {levels!r}")
+    return levels
+
+
+def _channel_stats(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of a BCHW batch, shaped to broadcast back onto it."""
+    return image.mean((2, 3), keepdim=True), image.std((2, 3), keepdim=True)
+
+
+def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = ADAIN_EPS) -> torch.Tensor:
     """Give ``image`` the per-channel mean and std of ``reference`` (both BCHW, same size)."""
-    dims = (2, 3)
-    mean_i, std_i = image.mean(dims, keepdim=True), image.std(dims, keepdim=True)
-    mean_r, std_r = reference.mean(dims, keepdim=True), reference.std(dims, keepdim=True)
+    (mean_i, std_i), (mean_r, std_r) = _channel_stats(image), _channel_stats(reference)
     return (image - mean_i) / (std_i + eps) * std_r + mean_r
 
 
@@ -94,10 +106,8 @@ def color_fix_(
     if method == "none":
         return image
     if method == "adain":
-        dims, eps = (2, 3), 1e-5
-        mean_i, std_i = image.mean(dims, keepdim=True), image.std(dims, keepdim=True)
-        mean_r, std_r = reference.mean(dims, keepdim=True), reference.std(dims, keepdim=True)
-        return image.sub_(mean_i).div_(std_i + eps).mul_(std_r).add_(mean_r)
+        (mean_i, std_i), (mean_r, std_r) = _channel_stats(image), _channel_stats(reference)
+        return image.sub_(mean_i).div_(std_i + ADAIN_EPS).mul_(std_r).add_(mean_r)
     if method == "wavelet":
         return _wavelet_fix_(image, reference, levels, band)
     raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {method!r}")

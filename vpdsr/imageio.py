@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from .color import BAND_ROWS  # rows of whole-image work at a time, here on the way out
 from .errors import ImageError
 
 __all__ = [
@@ -45,7 +46,6 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # The file-size limit follows from the pixel limit: no image needs more than 8 bytes a pixel
 # (16-bit RGBA stored raw) plus its metadata, so a larger "image" is refused unread.
 _BYTES_PER_PIXEL, _METADATA_BYTES = 8, 64 * 2**20
-_BAND_ROWS = 256  # rows converted at a time on the way out: 24 MB of float RGB at 8000 px wide
 
 
 @dataclass
@@ -202,12 +202,12 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
 def _quantize(band: Callable[[slice], torch.Tensor], height: int, peak: int) -> np.ndarray:
     """HxWxC integers ``v * peak + 0.5`` (truncated) of the CxHxW floats ``band(rows)`` gives, clamped to [0, 1].
 
-    Built ``_BAND_ROWS`` rows at a time, so the integer array is the only whole-image one made here:
+    Built ``BAND_ROWS`` rows at a time, so the integer array is the only whole-image one made here:
     at 8000x6000 RGB it is 144 MB, where each float copy of the image would be 576 MB.
     """
     out: np.ndarray | None = None
-    for top in range(0, height, _BAND_ROWS):
-        rows = slice(top, min(height, top + _BAND_ROWS))
+    for top in range(0, height, BAND_ROWS):
+        rows = slice(top, min(height, top + BAND_ROWS))
         # clamp first, out of place: ``band`` may hand back a view of the caller's tensor
         values = band(rows).clamp(0, 1).mul_(peak).add_(0.5).permute(1, 2, 0).numpy()
         if out is None:
@@ -286,8 +286,8 @@ def _write_png16(path: Path, array: np.ndarray, icc: bytes | None) -> None:
         file.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)))
         if icc:
             file.write(chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
-        for top in range(0, h, _BAND_ROWS):
-            rows = array[top : top + _BAND_ROWS].astype(">u2").reshape(-1, w * c).view(np.uint8)
+        for top in range(0, h, BAND_ROWS):
+            rows = array[top : top + BAND_ROWS].astype(">u2").reshape(-1, w * c).view(np.uint8)
             body = compressor.compress(np.concatenate([np.zeros((len(rows), 1), np.uint8), rows], axis=1).tobytes())
             if body:
                 file.write(chunk(b"IDAT", body))

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .backbones import Backbone, BackboneConfig, backbone_config, backbone_family, build_backbone
-from .color import MAX_WAVELET_LEVELS, WAVELET_LEVELS
+from .color import WAVELET_LEVELS, check_wavelet_levels
 from .errors import MissingBaseError, ModelFileError, NonFiniteWeights
 from .lora import LoraSpec, add_lora
 from .model import OneStepStudent
@@ -49,7 +48,6 @@ MAX_META_CHARS = 64 * 2**20
 MAX_META_DEPTH = 64  # JSON nesting; a training config nests 4 levels
 MAX_MODULES = 10_000  # modules in one backbone; SD 2.1's UNet and VAE have 950
 MAX_PLACEHOLDER_VALUES = 2**22  # an unstored prompt embedding's zeros; SD's is 77 x 1024
-_DEPTH_CHUNK = 2**20
 
 
 @dataclass(frozen=True)
@@ -124,12 +122,15 @@ class StudentMeta:
                 f"{source}: the vpdsr metadata is {len(text) / 1e6:.0f} MB, above the limit of "
                 f"{MAX_META_CHARS / 1e6:.0f} MB; it is not a model file vpdsr wrote"
             )
-        if _json_depth(text, MAX_META_DEPTH) > MAX_META_DEPTH:
-            raise ModelFileError(f"{source}: the vpdsr metadata nests more than {MAX_META_DEPTH} levels deep")
+        too_deep = ModelFileError(f"{source}: the vpdsr metadata nests more than {MAX_META_DEPTH} levels deep")
         try:
-            data = json.loads(text)
+            data = json.loads(text)  # far deeper than the limit ends in json's own RecursionError
         except json.JSONDecodeError as err:
             raise ModelFileError(f"{source}: the vpdsr metadata is not valid JSON ({err})") from None
+        except RecursionError:
+            raise too_deep from None
+        if _depth(data, MAX_META_DEPTH) > MAX_META_DEPTH:
+            raise too_deep
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ModelFileError(f"{source}: not a vpdsr student file (metadata format is {found!r})")
@@ -155,11 +156,10 @@ class StudentMeta:
             meta.preprocess = Preprocess.from_dict(dict(data.get("preprocess", {})), meta.backbone.vae_factor, source)
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(f"{source}: invalid vpdsr metadata ({err})") from None
-        if type(meta.wavelet_levels) is not int or not 1 <= meta.wavelet_levels <= MAX_WAVELET_LEVELS:
-            raise ModelFileError(
-                f"{source}: wavelet_levels must be a whole number from 1 to {MAX_WAVELET_LEVELS}, "
-                f"got {meta.wavelet_levels!r}"
-            )
+        try:
+            check_wavelet_levels(meta.wavelet_levels)
+        except ValueError as err:
+            raise ModelFileError(f"{source}: {err}") from None
         if meta.weights not in ("full", "lora"):
             raise ModelFileError(f"{source}: weights must be 'full' or 'lora', got {meta.weights!r}")
         if meta.weights == "lora" and not meta.lora:
@@ -167,31 +167,12 @@ class StudentMeta:
         return meta
 
 
-def _json_depth(text: str, limit: int) -> int:
-    """How deeply JSON ``text`` nests, found without parsing it; a value above ``limit`` when deeper.
-
-    ``json.loads`` recurses once per level, so a file nested 200,000 deep ends in a
-    ``RecursionError``. This counts the brackets outside strings instead, with numpy a chunk at a
-    time, so work stays linear in the text and memory in the chunk (about a second for 50 MB). Escapes are
-    dropped first (in valid JSON backslashes occur only in strings), so every quote left opens or
-    closes a string, and a bracket is inside one when an odd number of quotes precede it.
-    """
-    raw = text.replace("\\\\", "").replace('\\"', "").encode()
-    depth = deepest = quotes = 0
-    for start in range(0, len(raw), _DEPTH_CHUNK):
-        chunk = np.frombuffer(raw, np.uint8, count=min(_DEPTH_CHUNK, len(raw) - start), offset=start)
-        folded = chunk | 0x20  # '[' and '{' become '{', ']' and '}' become '}'
-        opens = folded == ord("{")
-        at = np.flatnonzero(opens | (folded == ord("}")))
-        quote_at = np.flatnonzero(chunk == ord('"'))
-        outside = (quotes + np.searchsorted(quote_at, at)) % 2 == 0
-        levels = depth + np.cumsum(np.where(opens[at], 1, -1)[outside])
-        quotes += len(quote_at)
-        if len(levels):
-            deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
-        if deepest > limit:
-            break
-    return deepest
+def _depth(value: Any, limit: int, level: int = 1) -> int:
+    """How deeply parsed JSON nests, counted no further than ``limit`` + 1."""
+    if level > limit or not isinstance(value, (dict, list)):
+        return level
+    children = value.values() if isinstance(value, dict) else value
+    return max((_depth(child, limit, level + 1) for child in children), default=level)
 
 
 def _open(path: Path):

@@ -62,6 +62,25 @@ def scale_note(meta: StudentMeta, scale: float) -> str | None:
     return None
 
 
+def resolve_scale(meta: StudentMeta, scale: float | None) -> float:
+    """The scale asked for, or the model's own for None; checked here so a bad one fails before any work.
+    Functions of the metadata, so that a front-end can size a request before any model loads."""
+    scale = float(meta.scale if scale is None else scale)
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        raise VPDError(f"scale must be between {MIN_SCALE:g} and {MAX_SCALE:g}, got {scale:g}")
+    return scale
+
+
+def network_scale(meta: StudentMeta, scale: float | None) -> float:
+    """The scale the network runs at for ``scale``: never below the model's own.
+
+    A student only restores inputs as blurry as the ones it was trained on; encoding a smaller
+    output hands it a sharper one and it prints grids and colour shifts (x2 with the x4 default:
+    4 dB below bicubic). This is also the size that tiles, progress totals and memory count.
+    """
+    return max(resolve_scale(meta, scale), float(meta.scale))
+
+
 def ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -156,20 +175,10 @@ class VPDPipeline:
         return self.student.vae_factor * unet_down
 
     def resolve_scale(self, scale: float | None) -> float:
-        """The scale asked for, or the model's own for None; checked here so a bad one fails before any work."""
-        scale = float(self.meta.scale if scale is None else scale)
-        if not MIN_SCALE <= scale <= MAX_SCALE:
-            raise VPDError(f"scale must be between {MIN_SCALE:g} and {MAX_SCALE:g}, got {scale:g}")
-        return scale
+        return resolve_scale(self.meta, scale)
 
     def network_scale(self, scale: float | None) -> float:
-        """The scale the network runs at for ``scale``: never below the model's own.
-
-        A student only restores inputs as blurry as the ones it was trained on; encoding a smaller
-        output hands it a sharper one and it prints grids and colour shifts (x2 with the x4 default:
-        4 dB below bicubic). This is also the size that tiles, progress totals and memory count.
-        """
-        return max(self.resolve_scale(scale), float(self.meta.scale))
+        return network_scale(self.meta, scale)
 
     @torch.no_grad()
     def __call__(
@@ -250,7 +259,7 @@ class VPDPipeline:
         # Every stage runs layer by layer over tiles with whole-image GroupNorm statistics
         # (vpdsr.layerwise), so tiled output equals untiled output; one tile is the untiled call.
         tile_px = tile if tile and tile < max(h, w) else 0
-        lt = -(-tile_px // f) if tile_px else 0
+        lt = ceil_to(tile_px, f) // f
         sizes = {"encode": (s.vae, h, w, tile_px), "unet": (s.unet, h // f, w // f, lt),
                  "decode": (s.vae, h // f, w // f, lt)}  # fmt: skip
         if s.refiner is not None:

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from vpdsr.backbones import BackboneConfig, backbone_config
+from vpdsr.backbones import BackboneConfig
 from vpdsr.errors import DownloadNotAllowed, MissingBaseError
 
 from ..config import TrainConfig
@@ -34,7 +34,6 @@ __all__ = [
     "load_base_weights",
     "portable_paths",
     "prompt_embedding",
-    "resolve_backbone",
 ]
 
 ValBatch = dict[str, torch.Tensor]
@@ -42,12 +41,6 @@ ValBatch = dict[str, torch.Tensor]
 
 class NonFiniteLoss(RuntimeError):
     """A loss or gradient norm was NaN/inf: the step is skipped (see ``optim.max_bad_steps``)."""
-
-
-def resolve_backbone(name_or_path: str) -> BackboneConfig:
-    """A bundled backbone name, or a JSON file with a backbone config (read by the core, as
-    ``vpdsr convert-osediff --backbone`` reads it)."""
-    return backbone_config(name_or_path)
 
 
 def load_base_weights(config: BackboneConfig, path: str | None, option: str) -> Any:

@@ -28,7 +28,7 @@ from torch import nn
 
 from vpdsr.color import apply_color_fix
 from vpdsr.lora import LoraSpec, add_lora, merge_lora
-from vpdsr.backbones import BackboneConfig, build_backbone
+from vpdsr.backbones import BackboneConfig, backbone_config, build_backbone
 from vpdsr.errors import ModelFileError
 from vpdsr.model import OneStepStudent
 from vpdsr.modelfile import StudentMeta, load_student, save_student
@@ -40,7 +40,7 @@ from ..diffusion import LatentDiffusion
 from ..images import bicubic_up, psnr_ssim, to_signed
 from ..losses import LossContext, StudentStep, build_losses
 from ..teacher_file import load_teacher
-from .base import Stage, ValBatch, load_base_weights, prompt_embedding, resolve_backbone
+from .base import Stage, ValBatch, load_base_weights, prompt_embedding
 
 __all__ = ["StudentStage", "init_from_student", "init_from_teacher"]
 
@@ -82,9 +82,9 @@ def init_from_student(
         source = load_student(path)
     except ModelFileError as err:
         raise ConfigError(f"student.init_student: {err}") from None
-    theirs = {k: v for k, v in source.config.to_dict().items() if k not in ("name", "description", "refiner")}
-    ours = {k: v for k, v in config.to_dict().items() if k not in ("name", "description", "refiner")}
-    if theirs != ours:
+    if _architecture(source.config, ignore=("name", "description", "refiner")) != _architecture(
+        config, ignore=("name", "description", "refiner")
+    ):
         raise ConfigError(
             f"student.init_student {path} has the {source.config.name} backbone, which differs from "
             f"{config.name} in more than a refiner"
@@ -98,17 +98,17 @@ def init_from_student(
     return parts.vae, parts.unet, source.prompt_embeds.detach().clone(), extras
 
 
-def _architecture(config: BackboneConfig) -> dict[str, Any]:
-    """The config without its description: prose may be corrected later, and teacher files store the
+def _architecture(config: BackboneConfig, ignore: tuple[str, ...] = ("description",)) -> dict[str, Any]:
+    """The config without ``ignore``: prose may be corrected later, and teacher files store the
     config they were trained with, so only what the weights depend on must match."""
-    return {k: v for k, v in config.to_dict().items() if k != "description"}
+    return {k: v for k, v in config.to_dict().items() if k not in ignore}
 
 
 class StudentStage(Stage):
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
         super().__init__(cfg, accelerator)
         sc = cfg.student
-        config = resolve_backbone(cfg.backbone)
+        config = backbone_config(cfg.backbone)  # a bundled name or a JSON file
         teacher = base = None
         if sc.teacher:
             teacher, _ = load_teacher(sc.teacher)

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
-from vpdsr.backbones import build_backbone
+from vpdsr.backbones import backbone_config, build_backbone
 
 from ..config import TrainConfig
 from ..config_loading import ConfigError
@@ -27,7 +27,7 @@ from ..diffusion import LatentDiffusion, conditional_unet_config, expand_conv_in
 from ..images import bicubic_up, psnr_ssim, to_signed, to_unit
 from ..losses import hfp_loss
 from ..teacher_file import save_teacher
-from .base import Stage, ValBatch, load_base_weights, prompt_embedding, resolve_backbone
+from .base import Stage, ValBatch, load_base_weights, prompt_embedding
 
 __all__ = ["TeacherStage", "VAEReconstruction"]
 
@@ -52,7 +52,7 @@ class TeacherStage(Stage):
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
         super().__init__(cfg, accelerator)
         tc = cfg.teacher
-        config = resolve_backbone(cfg.backbone)
+        config = backbone_config(cfg.backbone)  # a bundled name or a JSON file
         if tc.vae_steps >= cfg.optim.steps:
             raise ConfigError(
                 f"teacher.vae_steps ({tc.vae_steps}) leaves no steps for the UNet (optim.steps = {cfg.optim.steps})"
