@@ -328,7 +328,6 @@ def test_tiles_and_one_tile_with_latents_off_the_unet_grid(deep):
     """Pad-to-8 latents (9x13) through the layer-wise tiles: a tile larger than the image is the
     untiled call itself (no padding to a tile grid), and small tiles agree with it."""
     pipe, lr = deep["pipe"], deep["x"]
-    pipe.threads = 1  # bit-identical calls need one thread count; the automatic one follows the load
     untiled = pipe(lr, color_fix="none", tile=0)
     assert untiled.shape[2:] == (72, 104)
     assert torch.equal(pipe(lr, color_fix="none", tile=512), untiled)

@@ -31,10 +31,8 @@ def test_output_size_batches_and_odd_sizes(pipe):
     assert pipe(_image(20, 30), scale=1.5).shape == (1, 3, 30, 45)
 
 
-def test_deterministic_for_a_fixed_thread_count(pipe, monkeypatch):
-    """Bit-identical reruns need one thread count: the automatic one follows the machine's load, and
-    float sums in another order differ in the last bits."""
-    monkeypatch.setattr(pipe, "threads", 1)
+def test_deterministic_for_a_fixed_thread_count(pipe):
+    """Bit-identical reruns need one thread count (conftest's ``one_thread_count`` keeps it fixed)."""
     x = _image(32, 32)
     assert torch.equal(pipe(x), pipe(x))
 
