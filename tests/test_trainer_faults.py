@@ -166,10 +166,11 @@ def test_a_second_interrupt_exits_at_once_with_one_line_and_restores_the_handler
     monkeypatch.setattr(TeacherStage, "train_step", interrupted_twice)
     own = lambda signum, frame: None  # noqa: E731  (the embedding process's own handler)
     previous_term = signal.signal(signal.SIGTERM, own)
+    previous_int = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN under nohup / `cmd &`
     try:
         out = tmp_path / "run"
         assert cli.main(["--config", str(TEACHER), "--no-progress", *_teacher(images, out, "optim.steps=5")]) == 130
-        assert signal.getsignal(signal.SIGTERM) is own and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is own and signal.getsignal(signal.SIGINT) is previous_int
     finally:
         signal.signal(signal.SIGTERM, previous_term)
     err = capsys.readouterr().err.strip().splitlines()
