@@ -31,7 +31,8 @@ def _student_vae(spec: str) -> tuple[str, nn.Module]:
 
     name, value = split_named(spec, "vpdsr-default" if spec == "default" else None)
     try:
-        pipe = vpdsr.load_pipeline(model=None if value == "default" else value, device="cpu")
+        # fp32: the ceiling is the VAE's own, not the precision's (auto is bf16 on CPUs that have it)
+        pipe = vpdsr.load_pipeline(model=None if value == "default" else value, device="cpu", dtype="fp32")
     except vpdsr.VPDError as err:
         raise BenchError(f"cannot load model {value}: {err}") from None
     return name, pipe.student.vae

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vpdsr import OneStepStudent, build_backbone, save_student, threads
+from vpdsr import OneStepStudent, build_backbone, pipeline, save_student, threads
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,6 +20,16 @@ def one_thread_count() -> Iterator[None]:
     floats in another order; tests that compare two pipeline calls bit for bit need the same count for both."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(threads, "_other_runnable", lambda: 0)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fp32_on_every_cpu() -> Iterator[None]:
+    """"auto" precision on the CPU is bf16 where the CPU has it in hardware (vpdsr.pipeline), so the
+    same test would run bf16 here and fp32 on another CI machine; the suite pins fp32 everywhere, and
+    the tests of bf16 ask for it by name."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "cpu_has_native_bf16", lambda: False)
         yield
 
 

@@ -302,7 +302,7 @@ def test_cli_upscale_matches_osediff_script(deep, tmp_path):
     PIL's bicubic on the 8-bit image, no padding past a multiple of 8, the output saved in 8 bits."""
     result = tmp_path / "sr.png"
     code = main(["upscale", str(deep["lr"]), "-o", str(result), "--model", str(deep["model"]), "--base",
-                 str(deep["base"]), "--color-fix", "none", "--device", "cpu", "-q"])  # fmt: skip
+                 str(deep["base"]), "--color-fix", "none", "--device", "cpu", "--dtype", "fp32", "-q"])  # fmt: skip
     assert code == 0
     ours = torch.from_numpy(np.array(Image.open(result))).permute(2, 0, 1)
     assert ours.shape == (3, 72, 104)

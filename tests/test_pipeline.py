@@ -135,6 +135,40 @@ def test_missing_default_model_is_explained(monkeypatch):
     assert "--" not in str(caught.value)  # the CLI, the node and the demo each say how to give one
 
 
+def test_wavelet_fix_clamps_the_ring_that_sharp_bands_on_a_soft_low_band_draw():
+    """A dark stroke the student draws sharp, on an input that has it blurred: the student's bands
+    on the input's low band overshoot past the light ground (the halo beside Canon_10's strokes);
+    the clamp keeps every pixel within what either image shows within a pixel of it."""
+    x = torch.arange(64.0)
+    sharp = torch.where((x - 32).abs() < 2, 0.1, 0.8).expand(1, 3, 16, 64).clone()
+    soft = torch.nn.functional.avg_pool1d(sharp.reshape(-1, 1, 64), 9, 1, 4, count_include_pad=False).reshape(sharp.shape)
+    from vpdsr.color import _low_frequency
+
+    unclamped = sharp + _low_frequency(soft - sharp, 3)
+    assert unclamped.max() > 0.81  # the ring exists without the clamp
+    fixed = wavelet_color_fix(sharp, soft, levels=3)
+    assert fixed.max() <= 0.8 + 1e-6 and fixed.min() >= 0.1 - 1e-6
+    ramp = torch.linspace(0.2, 0.7, 32).expand(1, 3, 32, 32)  # a colour cast on a smooth ramp: no
+    cast = ramp + torch.tensor([0.05, -0.03, 0.0]).view(1, 3, 1, 1)  # ring, so the clamp leaves it alone
+    assert torch.allclose(wavelet_color_fix(cast, ramp, 3), cast + _low_frequency(ramp - cast, 3))
+    assert torch.allclose(wavelet_color_fix(cast, ramp, 3), ramp, atol=1e-6)
+
+
+def test_cpu_bf16_is_channels_last_and_auto_precision_follows_the_cpu(monkeypatch):
+    import vpdsr.pipeline as pipeline
+
+    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda has=has_bf16: has)
+        assert pipeline.resolve_dtype("auto", torch.device("cpu")) is expected
+    assert pipeline.resolve_dtype("fp32", torch.device("cpu")) is torch.float32
+    exact, half = pipeline.load_pipeline(dtype="fp32"), pipeline.load_pipeline(dtype="bf16")
+    for pipe, layout in ((exact, torch.contiguous_format), (half, torch.channels_last), (half.to("cpu"), torch.channels_last)):
+        assert pipe.student.vae.decoder.conv_in.weight.is_contiguous(memory_format=layout)
+    lr = _image(32, 40, 3)
+    out = half(lr, scale=4)  # bf16 is emulated where the CPU lacks it: slower, the same numbers
+    assert out.dtype == torch.float32 and _psnr(out, exact(lr, scale=4)) > 40
+
+
 def test_color_fixes():
     torch.manual_seed(0)
     ref = torch.rand(1, 3, 64, 64)
