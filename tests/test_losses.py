@@ -23,6 +23,7 @@ from trainer.losses import (
     VSDLoss,
     discriminator_loss,
     generator_loss,
+    grid_loss,
     hfp_loss,
     laplacian_bands,
     load_lpips,
@@ -351,7 +352,7 @@ def test_prior_features_discriminator_needs_a_prior():
 def test_losses_register_in_the_order_the_student_builds_them():
     """The import list of trainer/losses/__init__.py is the build and sum order: building draws random
     numbers, so reordering it would train the committed configs differently."""
-    builtin = ["reconstruction", "hfp", "sr_teacher", "semantic", "regression", "vsd", "diffloss", "adversarial"]
+    builtin = ["reconstruction", "hfp", "sr_teacher", "semantic", "regression", "vsd", "diffloss", "adversarial", "grid"]
     assert list(LOSSES)[: len(builtin)] == builtin
     assert all(LOSSES[key].__module__ == f"trainer.losses.{key}" for key in builtin)  # <key>.py holds loss <key>
 
@@ -368,3 +369,29 @@ def test_a_loss_key_registers_once_and_needs_a_dataclass_config():
             pass
 
     assert "untyped" not in LOSSES and LOSSES["vsd"].__name__ == "VSDTerm"
+
+
+def test_grid_loss_sees_a_fixed_4px_pattern_and_training_on_it_removes_it():
+    """The grid loss is zero when the output's 4 px phase pattern is the target's, rises with an
+    added fixed pattern, and its gradient alone removes that pattern; a flat crop stays finite."""
+    from vpdsr.metrics import grid_p
+
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert grid_loss(target, target).item() < 1e-5
+    grid = torch.zeros(1, 1, 4, 4)
+    grid[..., 0, :] = -0.1  # the decoder's darker first row of every 4x4 cell
+    sr = (target + grid.repeat(1, 1, 16, 16)).requires_grad_(True)
+    before = grid_loss(sr, target)
+    assert before.item() > 0.05
+    optimizer = torch.optim.SGD([sr], lr=20.0)
+    for _ in range(50):
+        optimizer.zero_grad()
+        grid_loss(sr, target).backward()
+        optimizer.step()
+    assert grid_loss(sr, target).item() < before.item() / 4
+    assert grid_p((sr.detach() + 1) / 2).mean() < grid_p((target + grid.repeat(1, 1, 16, 16) + 1) / 2).mean()
+    flat = torch.zeros(1, 3, 32, 32)
+    assert torch.isfinite(grid_loss(flat + 1e-4 * torch.randn_like(flat), flat))
+    with pytest.raises(ValueError, match="same shape"):
+        grid_loss(flat, target)

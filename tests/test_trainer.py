@@ -114,6 +114,7 @@ def test_committed_configs_load():
         "tiny-student": "student",
         "tiny-v2-teacher": "teacher",
         "tiny-v2-student": "student",
+        "tiny-v2-degrid": "student",
         "tiny-v3-student": "student",
         "sd21-student": "student",
         "dape": "dape",
@@ -155,7 +156,7 @@ def test_overrides_are_typed_by_the_dataclass_fields():
     [
         (["optim.lrr=1"], "unknown key optim.lrr; valid keys in optim: .*lr_schedule"),
         (["losses.vsd.wieght=1"], "unknown key losses.vsd.wieght"),
-        (["losses.vssd.weight=1"], "unknown key losses.vssd; valid keys in losses: adversarial, diffloss, hfp, "),
+        (["losses.vssd.weight=1"], "unknown key losses.vssd; valid keys in losses: adversarial, diffloss, grid, hfp, "),
         (["optim.steps=many"], "optim.steps must be an integer, got 'many'"),
         (["optim.lr_schedule=linear"], "optim.lr_schedule must be one of 'constant', 'cosine'"),
         (["optim.gradient_checkpointing=yes please"], "must be true or false"),

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["rgb_to_y", "psnr_y", "ssim_y", "radial_power_spectrum", "lsd_hf", "grid_p"]
+__all__ = ["rgb_to_y", "psnr_y", "ssim_y", "radial_power_spectrum", "lsd_hf", "grid_p", "grid_pattern"]
 
 _BT601_Y_WEIGHTS = (65.481, 128.553, 24.966)  # per unit of R, G, B in [0, 1], out of 255
 _BT601_Y_OFFSET = 16.0
@@ -196,6 +196,18 @@ def _reflect_gaussian_blur(luma: Tensor, size: int, sigma: float) -> Tensor:
     return _valid_gaussian_filter(padded, kernel)
 
 
+def grid_pattern(image: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    """The parts of ``grid_p`` per image: the mean-free p x p phase pattern of the luma's high band
+    (B, p, p) and the band's RMS (B,). Unchecked and differentiable, so that the trainer's grid loss
+    (``trainer/losses/grid.py``) penalises exactly what the benchmark measures."""
+    batch, _, height, width = image.shape
+    luma = rgb_to_y(image)[:, :, : height - height % p, : width - width % p]
+    residual = luma - _reflect_gaussian_blur(luma, _GRID_BLUR_SIZE, _GRID_BLUR_SIGMA)
+    rows, cols = residual.shape[-2] // p, residual.shape[-1] // p
+    pattern = residual.reshape(batch, rows, p, cols, p).mean(dim=(1, 3))
+    return pattern - pattern.mean(dim=(1, 2), keepdim=True), residual.pow(2).mean(dim=(1, 2, 3)).sqrt()
+
+
 def grid_p(image: Tensor, p: int = 4) -> Tensor:
     """Strength of a p-periodic pattern in the luma's high band; about 0 for natural images.
 
@@ -222,14 +234,8 @@ def grid_p(image: Tensor, p: int = 4) -> Tensor:
             f"images must be at least {min_side}x{min_side} pixels for grid_p with p={p}, "
             f"got {image.shape[-2]}x{image.shape[-1]}"
         )
-    batch, _, height, width = image.shape
-    luma = rgb_to_y(image.double())[:, :, : height - height % p, : width - width % p]
-    residual = luma - _reflect_gaussian_blur(luma, _GRID_BLUR_SIZE, _GRID_BLUR_SIGMA)
-    rows, cols = residual.shape[-2] // p, residual.shape[-1] // p
-    pattern = residual.reshape(batch, rows, p, cols, p).mean(dim=(1, 3))
-    pattern = pattern - pattern.mean(dim=(1, 2), keepdim=True)
+    pattern, residual_rms = grid_pattern(image.double(), p)
     pattern_rms = pattern.pow(2).mean(dim=(1, 2)).sqrt()
-    residual_rms = residual.pow(2).mean(dim=(1, 2, 3)).sqrt()
     # Exactly flat images have r = 0 up to rounding; anything below 1e-12 of a unit is no band.
     has_band = residual_rms > 1e-12
     return torch.where(has_band, pattern_rms / residual_rms.where(has_band, torch.ones_like(residual_rms)), 0.0)

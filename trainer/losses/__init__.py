@@ -15,6 +15,7 @@ from .regression import RegressionLossConfig, TeacherRegressionLoss
 from .vsd import VSDLoss, VSDLossConfig, vsd_target
 from .diffloss import DiffLoss, DiffLossConfig
 from .adversarial import AdversarialLoss, AdversarialLossConfig, discriminator_loss, generator_loss
+from .grid import GridLoss, GridLossConfig, grid_loss
 
 from .discriminators import FeatureHeads, UNetDiscriminator
 from .lpips import LPIPS, load_lpips
@@ -28,6 +29,8 @@ __all__ = [
     "DiffLoss",
     "DiffLossConfig",
     "FeatureHeads",
+    "GridLoss",
+    "GridLossConfig",
     "HFPLoss",
     "HFPLossConfig",
     "LossContext",
@@ -48,6 +51,7 @@ __all__ = [
     "build_losses",
     "discriminator_loss",
     "generator_loss",
+    "grid_loss",
     "hfp_loss",
     "laplacian_bands",
     "load_lpips",
