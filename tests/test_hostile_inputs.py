@@ -180,12 +180,18 @@ def test_color_fix_in_bands_equals_the_whole_image_one(shape, band):
         assert np.abs(_to_8bit(banded) - _to_8bit(whole)).max() <= 1
     deeper = color_fix_(image.clone(), reference.clone(), "wavelet", levels=7, band=band)  # a 127-row halo
     assert torch.allclose(deeper, wavelet_color_fix(image, reference, levels=7), atol=1e-6)
+    wider = color_fix_(image.clone(), reference.clone(), "wavelet", ring="input", band=band)  # a 2-row clamp edge
+    assert torch.allclose(wider, wavelet_color_fix(image, reference, ring="input"), atol=1e-6)
     first = image - _grouped_conv_low_frequency(image) + _grouped_conv_low_frequency(reference)
     both = torch.stack([image, reference])  # the anti-ringing clamp: within both images' 3x3 range
     low = -F.max_pool2d(-both.amin(0), 3, 1, 1)
     first = torch.minimum(torch.maximum(first, low), F.max_pool2d(both.amax(0), 3, 1, 1))
     assert torch.allclose(_low_frequency(image, 5), _grouped_conv_low_frequency(image), atol=1e-6)
     assert np.abs(_to_8bit(apply_color_fix(image, reference, "wavelet")) - _to_8bit(first)).max() <= 1
+    unclamped = image - _grouped_conv_low_frequency(image) + _grouped_conv_low_frequency(reference)
+    low, high = -F.max_pool2d(-reference, 5, 1, 2), F.max_pool2d(reference, 5, 1, 2)  # the input's 5x5 range
+    expected = torch.minimum(torch.maximum(unclamped, low), high)
+    assert np.abs(_to_8bit(apply_color_fix(image, reference, "wavelet", ring="input")) - _to_8bit(expected)).max() <= 1
 
 
 @pytest.mark.parametrize(("grayscale", "bits", "with_alpha"), [(False, 8, False), (True, 8, True), (False, 16, True)])

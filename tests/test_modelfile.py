@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -127,31 +128,47 @@ def test_plain_safetensors_is_not_a_model(tmp_path: Path):
         read_meta(path)
 
 
-def test_wavelet_levels_are_the_models_and_steer_the_default_colour_fix(tmp_path: Path):
-    assert read_meta(default_model_path()).wavelet_levels == 3  # chosen on DRealSR, see MODEL_CARD.md
+def test_wavelet_settings_are_the_models_and_steer_the_default_colour_fix(tmp_path: Path):
+    default = read_meta(default_model_path())  # both chosen on DRealSR, see MODEL_CARD.md
+    assert (default.wavelet_levels, default.ring_clamp) == (3, "input")
     student = _student()
-    five = read_meta(save_student(tmp_path / "five.safetensors", student))
-    three = read_meta(save_student(tmp_path / "three.safetensors", student, wavelet_levels=3))
-    assert (five.wavelet_levels, three.wavelet_levels) == (5, 3)
+    settings = [{}, {"wavelet_levels": 3}, {"ring_clamp": "input"}]
+    metas = [read_meta(save_student(tmp_path / f"{i}.safetensors", student, **kw)) for i, kw in enumerate(settings)]
+    assert [(m.wavelet_levels, m.ring_clamp) for m in metas] == [(5, "joint"), (3, "joint"), (5, "input")]
     image = torch.rand(1, 3, 24, 20)
-    outputs = {}
-    for meta in (five, three):
+    outputs = []
+    for meta in metas:
         pipe = VPDPipeline(student, meta, torch.device("cpu"), torch.float32)
-        outputs[meta.wavelet_levels] = pipe(image)
+        outputs.append(pipe(image))
         raw = pipe(image, color_fix="none")
         bicubic = torch.nn.functional.interpolate(image, size=raw.shape[2:], mode="bicubic").clamp(0, 1)
-        expected = color_fix_(raw.clone(), bicubic, "wavelet", levels=meta.wavelet_levels).clamp(0, 1)
-        assert (outputs[meta.wavelet_levels] - expected).abs().max() < 1e-5
-    assert (outputs[5] - outputs[3]).abs().max() > 1e-3
+        expected = color_fix_(raw.clone(), bicubic, "wavelet", levels=meta.wavelet_levels, ring=meta.ring_clamp)
+        assert (outputs[-1] - expected.clamp(0, 1)).abs().max() < 1e-5
+    assert min((outputs[0] - other).abs().max() for other in outputs[1:]) > 1e-3
 
 
-@pytest.mark.parametrize("levels", [0, 9, 2.5, "3"])
-def test_wavelet_levels_out_of_range_are_refused(tmp_path: Path, levels):
-    path = save_student(tmp_path / "s.safetensors", _student())
+def _rewrite_meta(path: Path, **changes: object) -> None:
     tensors = load_file(path)
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["vpdsr"])
-    meta["wavelet_levels"] = levels
+    meta.update(changes)
+    meta = {k: v for k, v in meta.items() if v is not None}
     save_file(tensors, path, metadata={"vpdsr": json.dumps(meta)})
-    with pytest.raises(ModelFileError, match="wavelet_levels"):
+
+
+@pytest.mark.parametrize(("key", "value"), [("wavelet_levels", 0), ("wavelet_levels", 9), ("wavelet_levels", 2.5),
+                                            ("wavelet_levels", "3"), ("ring_clamp", "both"), ("ring_clamp", 3)])
+def test_wavelet_settings_out_of_range_are_refused(tmp_path: Path, key, value):
+    path = save_student(tmp_path / "s.safetensors", _student())
+    _rewrite_meta(path, **{key: value})
+    with pytest.raises(ModelFileError, match=key):
         read_meta(path)
+
+
+def test_files_without_the_newer_settings_keep_their_colour_fix_and_files_get_the_usual_mode(tmp_path: Path):
+    path = save_student(tmp_path / "s.safetensors", _student())
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # readable beside the user's other files
+    _rewrite_meta(path, wavelet_levels=None, ring_clamp=None)  # as a file from before those fields
+    assert (read_meta(path).wavelet_levels, read_meta(path).ring_clamp) == (5, "joint")

@@ -21,7 +21,8 @@ def test_a_refiner_added_to_the_default_starts_at_its_exact_output(tmp_path) -> 
     with torch.no_grad():
         assert torch.equal(student(x), load_student(default_model_path())(x))
     default = load_pipeline()
-    path = save_student(tmp_path / "v3.safetensors", student, wavelet_levels=default.meta.wavelet_levels)
+    m = default.meta
+    path = save_student(tmp_path / "v3.safetensors", student, wavelet_levels=m.wavelet_levels, ring_clamp=m.ring_clamp)
     assert any(p.startswith("vae.refiner.") for p in load_student(path).state_dict())
     image = torch.rand(1, 3, 40, 36)
     tiled = load_pipeline(path)(image, scale=4, tile=64)

@@ -167,6 +167,7 @@ def test_overrides_are_typed_by_the_dataclass_fields():
         (["stage=distill"], "stage must be one of"),
         (["student.lora_rank=4"], "train_vae_decoder needs lora_rank 0"),
         (["student.color_fix=sepia"], "color_fix must be one of"),
+        (["student.ring_clamp=both"], "ring_clamp must be one of"),
     ],
 )
 def test_bad_config_values_fail_at_start_with_the_key_named(overrides, message):
@@ -288,7 +289,7 @@ def test_student_stage_with_every_offline_loss_exports_a_loadable_model(teacher_
     out = tmp_path / "student"
     cfg = load_config(STUDENT, common(images, out) + [
         f"student.teacher={teacher_file}", "optim.steps=3", "validation.every=3",
-        "losses.adversarial.start_step=1", "losses.regression.steps=2",
+        "losses.adversarial.start_step=1", "losses.regression.steps=2", "student.ring_clamp=input",
     ])  # fmt: skip
     path = train(cfg, progress=False)
     names = logged_names(out)
@@ -308,6 +309,7 @@ def test_student_stage_with_every_offline_loss_exports_a_loadable_model(teacher_
     assert (
         pipe.info["training"]["stage"] == "student" and pipe.info["training"]["config"]["losses"]["vsd"]["weight"] > 0
     )
+    assert pipe.meta.ring_clamp == "input"  # the colour fix trained under is the one the file asks for
     # named after the output folder, and no absolute path of this machine (every path given was one)
     assert path.name == "student.safetensors" and pipe.info["name"] == "student"
     absolute = [s for s in _strings(pipe.info) if Path(s).is_absolute() or str(tmp_path) in s]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vpdsr.color import COLOR_FIXES, WAVELET_LEVELS, check_wavelet_levels
+from vpdsr.color import COLOR_FIXES, RING_CLAMP, WAVELET_LEVELS, check_ring_clamp, check_wavelet_levels
 
 from .config_loading import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from .data import DataConfig
@@ -184,6 +184,10 @@ class StudentConfig:
     wavelet_levels: int = WAVELET_LEVELS
     """The wavelet fix's bands kept from the student (the rest come from the bicubic input); the
     exported file records it, so inference applies the same fix."""
+    ring_clamp: str = RING_CLAMP
+    """Where the wavelet fix's anti-ringing clamp takes its range: "joint" (the output's and the
+    input's 3x3 range, which keeps drawn texture) or "input" (the input's 5x5 range, for students
+    that only sharpen); recorded in the exported file like ``wavelet_levels``."""
     train_vae_decoder: bool = False
     """Also train the VAE decoder in full (only with lora_rank 0). OSEDiff keeps it frozen so the
     student's latents stay those the prior scores; a small backbone whose VAE had only minutes of
@@ -202,6 +206,7 @@ class StudentConfig:
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}")
         check_wavelet_levels(self.wavelet_levels)
+        check_ring_clamp(self.ring_clamp)
         if self.train_vae_decoder and self.lora_rank > 0:
             raise ValueError("train_vae_decoder needs lora_rank 0 (the decoder has no LoRA targets)")
 

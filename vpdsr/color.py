@@ -7,15 +7,18 @@ Both fixes keep the student's detail and take the colour from the bicubic-upscal
 Wavelet is the default: it is the one the embedded model is trained under, and on DRealSR it
 keeps more fidelity than AdaIN for every model we measured (see MODEL_CARD.md).
 
-The wavelet fix ends with an anti-ringing clamp: each pixel stays within the range that the
-student's output and the input show together in its 3x3 neighbourhood. Sharpened bands on a
-blurrier low band overshoot at edges, which people see as a light ring beside dark strokes (and,
-per channel, a coloured fringe); no real edge goes beyond both its neighbours' values. On all 93
-DRealSR images it took the embedded default from PSNR-Y 30.25 / HaarPSI 0.6015 / grid4 0.0227 to
-30.32 / 0.6086 / 0.0197 (MODEL_CARD.md): part of the decoder's 4 px grid is overshoot too. The
-range includes the student's own output on purpose: a range from the input alone (5x5) scored a
-little better on this texture-less model, but would flatten texture that a generative student
-draws where the input is blurred.
+The wavelet fix ends with an anti-ringing clamp. Sharpened bands on a blurrier low band overshoot
+at edges, which people see as a light ring beside dark strokes (and, per channel, a coloured
+fringe); no real edge goes beyond both its neighbours' values. Where the range comes from is the
+model file's ``ring_clamp`` (``RING_CLAMPS``):
+- ``"joint"`` (the default, and files without the field): each pixel stays within what the
+  student's output and the input show together in its 3x3 neighbourhood. It keeps texture that a
+  generative student draws where the input is blurred. On all 93 DRealSR images it took the
+  embedded default from PSNR-Y 30.25 / HaarPSI 0.6015 / grid4 0.0227 to 30.32 / 0.6086 / 0.0197.
+- ``"input"``: within what the input alone shows in its 5x5 neighbourhood, for students that
+  sharpen and draw no texture (the embedded default): everything the student adds beyond the
+  input's local range is overshoot or its decoder's 4 px grid. On the same images: 30.42 /
+  0.6098 / grid4 0.015 (MODEL_CARD.md).
 
 ``apply_color_fix`` is pure (training backpropagates through it). Inference on whole photos uses
 ``color_fix_``, which works in place and in bands of rows: at 8000x6000 one float copy of the
@@ -27,8 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["COLOR_FIXES", "DEFAULT_COLOR_FIX", "adain_color_fix", "apply_color_fix", "check_wavelet_levels",
-           "color_fix_", "wavelet_color_fix"]  # fmt: skip
+__all__ = ["COLOR_FIXES", "DEFAULT_COLOR_FIX", "adain_color_fix", "apply_color_fix", "check_ring_clamp",
+           "check_wavelet_levels", "color_fix_", "wavelet_color_fix"]  # fmt: skip
 
 COLOR_FIXES = ("none", "adain", "wavelet")
 DEFAULT_COLOR_FIX = "wavelet"
@@ -36,7 +39,10 @@ WAVELET_LEVELS = 5
 MAX_WAVELET_LEVELS = 8  # the last blur reaches 128 px either side
 BAND_ROWS = 256  # rows of the in-place wavelet fix at a time: 24 MB of float RGB at 8000 px wide
 ADAIN_EPS = 1e-5
-RING_WINDOW = 3  # the anti-ringing clamp's neighbourhood: the nearest pixels either side of an edge
+# The anti-ringing clamp's sources of range and their neighbourhoods (odd sides, in pixels): the nearest
+# pixels either side of an edge for the joint range; two either side for the input's softer edges.
+RING_CLAMPS = {"joint": 3, "input": 5}
+RING_CLAMP = "joint"
 
 
 def check_wavelet_levels(levels: object) -> int:
@@ -44,6 +50,13 @@ def check_wavelet_levels(levels: object) -> int:
     if type(levels) is not int or not 1 <= levels <= MAX_WAVELET_LEVELS:
         raise ValueError(f"wavelet_levels must be a whole number from 1 to {MAX_WAVELET_LEVELS}, got {levels!r}")
     return levels
+
+
+def check_ring_clamp(ring: object) -> str:
+    """``ring`` if it names a range of the anti-ringing clamp; a ValueError that says so otherwise."""
+    if ring not in RING_CLAMPS:
+        raise ValueError(f"ring_clamp must be one of {tuple(RING_CLAMPS)}, got {ring!r}")
+    return str(ring)
 
 
 def _channel_stats(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,27 +91,29 @@ def _low_frequency(image: torch.Tensor, levels: int) -> torch.Tensor:
     return low
 
 
-def _local_range(image: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pixel and channel, the least and greatest value of either image in its
-    ``RING_WINDOW`` neighbourhood (pooling pads with -inf, so borders use the pixels there are)."""
-    k, pad = RING_WINDOW, RING_WINDOW // 2
-    low = -F.max_pool2d(-torch.minimum(image, reference), k, 1, pad)
-    high = F.max_pool2d(torch.maximum(image, reference), k, 1, pad)
-    return low, high
+def _local_range(image: torch.Tensor, reference: torch.Tensor, ring: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel and channel, the least and greatest value in its ``RING_CLAMPS[ring]`` neighbourhood
+    of both images (``"joint"``) or of ``reference`` alone (``"input"``); pooling pads with -inf, so
+    borders use the pixels there are."""
+    k = RING_CLAMPS[ring]
+    least, most = (torch.minimum(image, reference), torch.maximum(image, reference)) if ring == "joint" else (reference, reference)
+    return -F.max_pool2d(-least, k, 1, k // 2), F.max_pool2d(most, k, 1, k // 2)
 
 
-def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
+def wavelet_color_fix(
+    image: torch.Tensor, reference: torch.Tensor, levels: int = WAVELET_LEVELS, ring: str = RING_CLAMP
+) -> torch.Tensor:
     """Keep ``image``'s high-frequency bands, take the lowest band from ``reference``, and clamp
-    the result to the two images' local range (the anti-ringing clamp of the module docstring).
+    the result to the local range ``ring`` names (the anti-ringing clamp of the module docstring).
 
     The decomposition is linear (blurs and mirrored edges), so ``image - low(image) + low(reference)``
     is ``image + low(reference - image)``: one decomposition instead of two.
     """
-    low, high = _local_range(image, reference)
+    low, high = _local_range(image, reference, ring)
     return torch.minimum(torch.maximum(image + _low_frequency(reference - image, levels), low), high)
 
 
-def _wavelet_fix_(image: torch.Tensor, reference: torch.Tensor, levels: int, band: int) -> torch.Tensor:
+def _wavelet_fix_(image: torch.Tensor, reference: torch.Tensor, levels: int, ring: str, band: int) -> torch.Tensor:
     """``wavelet_color_fix`` in place, ``band`` rows at a time.
 
     Each blur reads ``2**i`` rows either side, so the low band of a row depends on the rows within
@@ -107,11 +122,12 @@ def _wavelet_fix_(image: torch.Tensor, reference: torch.Tensor, levels: int, ban
     ``2**levels`` rows (or is the whole image), so each blur picks the same edge mode as the whole
     image's. Only ``image`` is written, so every halo reads unchanged rows of the difference.
 
-    The clamp's range needs the unfixed image one row beyond the band; the row above was written
-    by the previous band, so its unfixed values are kept (``above``) before that band is written.
+    The clamp's range needs the unfixed image up to half its window beyond the band; the rows
+    above were written by earlier bands, so their unfixed values are kept (``above``) from the
+    unfixed copy each band takes before it is written.
     """
     diff = reference.sub_(image)
-    halo, height, edge = 2**levels - 1, image.shape[2], RING_WINDOW // 2
+    halo, height, edge = 2**levels - 1, image.shape[2], RING_CLAMPS[ring] // 2
     above = None
     for top in range(0, height, band):
         bottom = min(height, top + band)
@@ -121,15 +137,20 @@ def _wavelet_fix_(image: torch.Tensor, reference: torch.Tensor, levels: int, ban
         raw = image[:, :, near : min(height, bottom + edge)].clone()
         if above is not None:
             raw[:, :, : top - near] = above
-        low, high = _local_range(raw, raw + diff[:, :, near : near + raw.shape[2]])
-        above = image[:, :, bottom - edge : bottom].clone() if edge else None
+        low, high = _local_range(raw, raw + diff[:, :, near : near + raw.shape[2]], ring)
+        above = raw[:, :, max(0, bottom - edge) - near : bottom - near]  # rows of earlier bands when band < edge
         rows = slice(top - near, top - near + bottom - top)
         image[:, :, top:bottom] = fixed.clamp_(min=low[:, :, rows]).clamp_(max=high[:, :, rows])
     return image
 
 
 def color_fix_(
-    image: torch.Tensor, reference: torch.Tensor, method: str, levels: int = WAVELET_LEVELS, band: int = BAND_ROWS
+    image: torch.Tensor,
+    reference: torch.Tensor,
+    method: str,
+    levels: int = WAVELET_LEVELS,
+    ring: str = RING_CLAMP,
+    band: int = BAND_ROWS,
 ) -> torch.Tensor:
     """``apply_color_fix`` in place and without autograd: ``image`` becomes the result and is returned.
 
@@ -143,18 +164,18 @@ def color_fix_(
         (mean_i, std_i), (mean_r, std_r) = _channel_stats(image), _channel_stats(reference)
         return image.sub_(mean_i).div_(std_i + ADAIN_EPS).mul_(std_r).add_(mean_r)
     if method == "wavelet":
-        return _wavelet_fix_(image, reference, levels, band)
+        return _wavelet_fix_(image, reference, levels, ring, band)
     raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {method!r}")
 
 
 def apply_color_fix(
-    image: torch.Tensor, reference: torch.Tensor, method: str, levels: int = WAVELET_LEVELS
+    image: torch.Tensor, reference: torch.Tensor, method: str, levels: int = WAVELET_LEVELS, ring: str = RING_CLAMP
 ) -> torch.Tensor:
-    """Differentiable colour fix (training backpropagates through it); ``levels`` is the wavelet fix's."""
+    """Differentiable colour fix (training backpropagates through it); ``levels`` and ``ring`` are the wavelet fix's."""
     if method == "none":
         return image
     if method == "adain":
         return adain_color_fix(image, reference)
     if method == "wavelet":
-        return wavelet_color_fix(image, reference, levels)
+        return wavelet_color_fix(image, reference, levels, ring)
     raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {method!r}")

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .backbones import Backbone, BackboneConfig, backbone_config, backbone_family, build_backbone
-from .color import WAVELET_LEVELS, check_wavelet_levels
+from .color import RING_CLAMP, WAVELET_LEVELS, check_ring_clamp, check_wavelet_levels
 from .errors import MissingBaseError, ModelFileError, NonFiniteWeights
 from .lora import LoraSpec, add_lora
 from .model import OneStepStudent
@@ -95,6 +95,9 @@ class StudentMeta:
     # the bicubic input. A model whose latent loses mid-frequency structure the LR still holds (the tiny
     # VAE) does better with fewer; files written before this field have 5, the usual (StableSR's) value.
     wavelet_levels: int = WAVELET_LEVELS
+    # Where the wavelet fix's anti-ringing clamp takes its range (vpdsr.color.RING_CLAMPS): "joint" keeps
+    # texture a generative student draws; "input" suits a student that only sharpens. Older files: "joint".
+    ring_clamp: str = RING_CLAMP
 
     def to_json(self) -> str:
         return json.dumps(
@@ -112,6 +115,7 @@ class StudentMeta:
                 "training": self.training,
                 "preprocess": {"resize": self.preprocess.resize, "pad_multiple": self.preprocess.pad_multiple},
                 "wavelet_levels": self.wavelet_levels,
+                "ring_clamp": self.ring_clamp,
             }
         )
 
@@ -152,12 +156,14 @@ class StudentMeta:
                 name=str(data.get("name", "")),
                 training=dict(data.get("training", {})),
                 wavelet_levels=data.get("wavelet_levels", WAVELET_LEVELS),
+                ring_clamp=data.get("ring_clamp", RING_CLAMP),
             )
             meta.preprocess = Preprocess.from_dict(dict(data.get("preprocess", {})), meta.backbone.vae_factor, source)
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(f"{source}: invalid vpdsr metadata ({err})") from None
         try:
             check_wavelet_levels(meta.wavelet_levels)
+            check_ring_clamp(meta.ring_clamp)
         except ValueError as err:
             raise ModelFileError(f"{source}: {err}") from None
         if meta.weights not in ("full", "lora"):
@@ -221,6 +227,7 @@ def save_student(
     name: str = "",
     training_info: dict[str, Any] | None = None,
     wavelet_levels: int = WAVELET_LEVELS,
+    ring_clamp: str = RING_CLAMP,
 ) -> Path:
     """Write a student; ``weights="full"`` expects merged (adapter-free) parts."""
     path = Path(path)
@@ -235,6 +242,7 @@ def save_student(
         name=name or path.stem,
         training=dict(training_info or {}),
         wavelet_levels=wavelet_levels,
+        ring_clamp=ring_clamp,
     )
     if weights == "full" and any("lora_" in n for n, _ in student.named_parameters()):
         raise ValueError("merge the LoRA adapters (vpdsr.lora.merge_lora) before saving full weights")
@@ -253,7 +261,10 @@ def write_model_file(path: str | Path, meta: StudentMeta, tensors: dict[str, tor
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tmp.touch()  # a file made the usual way has the mode the user's umask gives; safetensors' own is 0600,
+    mode = tmp.stat().st_mode  # which left trained models unreadable to the rest of a shared machine
     save_file(tensors, str(tmp), metadata={"vpdsr": meta.to_json()})
+    tmp.chmod(mode)
     tmp.replace(path)
     return path
 

@@ -309,7 +309,8 @@ class VPDPipeline:
         # Whole-image work from here on runs in place: one float copy of the result beside ``x``, which the
         # colour fix takes as scratch, and a few bands of rows (at 8000x6000 one copy is 576 MB).
         y = y[:, :, :out_h, :out_w].to("cpu", torch.float32).add_(1).div_(2).clamp_(0, 1)
-        return color_fix_(y, x.cpu(), color_fix, levels=self.meta.wavelet_levels).clamp_(0, 1)
+        m = self.meta
+        return color_fix_(y, x.cpu(), color_fix, levels=m.wavelet_levels, ring=m.ring_clamp).clamp_(0, 1)
 
     @staticmethod
     def _check_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:

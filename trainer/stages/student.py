@@ -138,7 +138,7 @@ class StudentStage(Stage):
         self.student.to(self.device)
         meta = StudentMeta(
             config, timestep=sc.timestep, scale=cfg.scale, prompt=sc.prompt, name=cfg.name,
-            wavelet_levels=sc.wavelet_levels,
+            wavelet_levels=sc.wavelet_levels, ring_clamp=sc.ring_clamp,
         )
         self.pipeline = VPDPipeline(self.student, meta, self.device, torch.float32)  # validation's upscaler
         if cfg.optim.gradient_checkpointing:
@@ -225,7 +225,8 @@ class StudentStage(Stage):
         hr = to_signed(batch["hr"])
         lr_up = to_signed(bicubic_up(batch["lr"], hr.shape[-2:]))
         sr, z_sr = self._student_forward(lr_up)
-        sr = apply_color_fix(sr, lr_up, self.cfg.student.color_fix, self.cfg.student.wavelet_levels)
+        sc = self.cfg.student
+        sr = apply_color_fix(sr, lr_up, sc.color_fix, sc.wavelet_levels, sc.ring_clamp)
         s = StudentStep(step=step, generator=generator, hr=hr, lr=batch["lr"], lr_up=lr_up, sr=sr, z_sr=z_sr,
                         prior=self.prior, teacher=self.teacher, targets=self.targets)  # fmt: skip
         terms = {name: term for loss in self.losses for name, term in loss.terms(s).items()}
@@ -292,6 +293,7 @@ class StudentStage(Stage):
             name=self.cfg.name,
             training_info=self.training_info(self.cfg.optim.steps),
             wavelet_levels=self.cfg.student.wavelet_levels,
+            ring_clamp=self.cfg.student.ring_clamp,
         )
 
     def training_info(self, step: int) -> dict[str, Any]:
