@@ -18,7 +18,7 @@ model file's ``ring_clamp`` (``RING_CLAMPS``):
 - ``"input"``: within what the input alone shows in its 5x5 neighbourhood, for students that
   sharpen and draw no texture (the embedded default): everything the student adds beyond the
   input's local range is overshoot or its decoder's 4 px grid. On the same images: 30.42 /
-  0.6098 / grid4 0.015 (MODEL_CARD.md).
+  0.6098 / grid4 0.014 (MODEL_CARD.md).
 
 ``apply_color_fix`` is pure (training backpropagates through it). Inference on whole photos uses
 ``color_fix_``, which works in place and in bands of rows: at 8000x6000 one float copy of the
