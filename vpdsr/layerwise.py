@@ -175,6 +175,14 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
+def _layout(t: Tensor) -> torch.memory_format:
+    """The memory format of a tile, for the whole-image tensor it is stored into: a channels-last
+    model (bf16 on the CPU) writes channels-last tiles, and storing them in the default layout would
+    transpose every tile on the way in and again when the next layer fetches its region."""
+    # a tile is a crop of the layer's output, so it is not contiguous in either format: read its strides
+    return torch.channels_last if t.dim() == 4 and t.stride(1) < t.stride(3) else torch.contiguous_format
+
+
 def _run_tile(body: Callable[[Tensor, _Box], Tensor | None], region: Tensor, box: _Box) -> Tensor | None:
     """Every tile's device work goes through here (the memory test watches it)."""
     return body(region, box)
@@ -239,16 +247,19 @@ class _Moments:
     """Per-channel sums of x and x^2 over tiles. Each tile's squares are summed about the tile's
     own mean (a float32 sum of raw squares would cancel catastrophically when the mean is large);
     the float64 sums across tiles are then exact enough for any image size. (``torch.var_mean``
-    does the same but is ten times slower on the CPU.)"""
+    does the same but is ten times slower on the CPU, and ``linalg.vector_norm`` several times slower
+    than squaring in place on a channels-last tile.)"""
 
     def __init__(self, host: torch.device) -> None:
         self.host = host
         self.total: Tensor | None = None
 
     def add(self, t: Tensor) -> None:
-        t = t.to(_accumulation(t.dtype))
-        mean = t.mean((2, 3), keepdim=True)
-        m2 = torch.linalg.vector_norm(t - mean, dim=(2, 3)).to(self.host, torch.float64) ** 2
+        u = t.to(_accumulation(t.dtype))
+        mean = u.mean((2, 3), keepdim=True)
+        # a fresh float copy can be centred in place; a float32 tile is the stored result itself
+        centred = u.sub_(mean) if u is not t else u - mean
+        m2 = centred.square_().sum((2, 3)).to(self.host, torch.float64)
         mean = mean[:, :, 0, 0].to(self.host, torch.float64)
         n = t.shape[2] * t.shape[3]
         tile = torch.stack([mean * n, m2 + mean * mean * n])
@@ -311,7 +322,9 @@ class _Runner:
                     elif keep:
                         assert t is not None
                         if data is None:
-                            data = torch.empty((*t.shape[:2], *out_hw), dtype=t.dtype, device=self.host)
+                            data = torch.empty(
+                                (*t.shape[:2], *out_hw), dtype=t.dtype, device=self.host, memory_format=_layout(t)
+                            )
                         data[:, :, y0:y1, x0:x1].copy_(t)
                         if moments:
                             stats.add(t)
@@ -350,9 +363,25 @@ class _Runner:
             weight = gn.weight.detach().to(self.host, torch.float64)
             scale, shift = scale * weight, shift * weight + gn.bias.detach().to(self.host, torch.float64)
         acc = _accumulation(act.parts[0].data.dtype)  # type: ignore[union-attr]
-        scale = scale.to(acc)[:, :, None, None].to(self.device)
-        shift = shift.to(acc)[:, :, None, None].to(self.device)
-        return lambda x: torch.addcmul(shift, x.to(acc), scale).to(x.dtype)
+        return _affine(scale.to(acc).to(self.device), shift.to(acc).to(self.device))
+
+
+def _affine(scale: Tensor, shift: Tensor) -> Callable[[Tensor], Tensor]:
+    """``x * scale + shift`` per sample and channel (``(B, C)`` float tensors), computed in their float
+    type and returned in ``x``'s, as GroupNorm computes in float on half-precision input.
+
+    For one sample it is an eval-mode batch norm with mean 0, variance 1 and eps 0: one kernel that
+    reads bf16 and computes in float, without the float copy of the tile that ``addcmul`` would take
+    first.
+    """
+    if scale.shape[0] == 1:
+        zero, one = torch.zeros_like(scale[0]), torch.ones_like(scale[0])
+        # on a strided region the kernel takes a slow path: the copy into its own layout costs less
+        # (and the convolution that reads the result would have made it anyway)
+        weight, bias = scale[0], shift[0]
+        return lambda x: F.batch_norm(x.contiguous(memory_format=_layout(x)), zero, one, weight, bias, False, 0.0, 0.0)
+    scale4, shift4 = scale[:, :, None, None], shift[:, :, None, None]
+    return lambda x: torch.addcmul(shift4, x, scale4).to(x.dtype)
 
 
 # --- layers -----------------------------------------------------------------------------------------
