@@ -372,9 +372,10 @@ def _affine(scale: Tensor, shift: Tensor) -> Callable[[Tensor], Tensor]:
 
     For one sample it is an eval-mode batch norm with mean 0, variance 1 and eps 0: one kernel that
     reads bf16 and computes in float, without the float copy of the tile that ``addcmul`` would take
-    first.
+    first. Only where batch norm takes half-precision input with float weights (CPU, CUDA); other
+    devices (MPS) get ``addcmul``.
     """
-    if scale.shape[0] == 1:
+    if scale.shape[0] == 1 and scale.device.type in ("cpu", "cuda"):
         zero, one = torch.zeros_like(scale[0]), torch.ones_like(scale[0])
         # on a strided region the kernel takes a slow path: the copy into its own layout costs less
         # (and the convolution that reads the result would have made it anyway)
