@@ -179,7 +179,7 @@ def _layout(t: Tensor) -> torch.memory_format:
     """The memory format of a tile, for the whole-image tensor it is stored into: a channels-last
     model (bf16 on the CPU) writes channels-last tiles, and storing them in the default layout would
     transpose every tile on the way in and again when the next layer fetches its region."""
-    # a tile is a crop of the layer's output, so it is not contiguous in either format: read its strides
+    # a tile is often a crop of the layer's output, contiguous in neither format: read its strides
     return torch.channels_last if t.dim() == 4 and t.stride(1) < t.stride(3) else torch.contiguous_format
 
 
@@ -257,7 +257,7 @@ class _Moments:
     def add(self, t: Tensor) -> None:
         u = t.to(_accumulation(t.dtype))
         mean = u.mean((2, 3), keepdim=True)
-        # a fresh float copy can be centred in place; a float32 tile is the stored result itself
+        # a fresh float copy can be centred in place; a float32 or float64 tile is ``t`` itself
         centred = u.sub_(mean) if u is not t else u - mean
         m2 = centred.square_().sum((2, 3)).to(self.host, torch.float64)
         mean = mean[:, :, 0, 0].to(self.host, torch.float64)
@@ -362,20 +362,23 @@ class _Runner:
         if gn.affine:
             weight = gn.weight.detach().to(self.host, torch.float64)
             scale, shift = scale * weight, shift * weight + gn.bias.detach().to(self.host, torch.float64)
-        acc = _accumulation(act.parts[0].data.dtype)  # type: ignore[union-attr]
-        return _affine(scale.to(acc).to(self.device), shift.to(acc).to(self.device))
+        dtype = act.parts[0].data.dtype  # type: ignore[union-attr]
+        acc = _accumulation(dtype)
+        return _affine(scale.to(acc).to(self.device), shift.to(acc).to(self.device), dtype)
 
 
-def _affine(scale: Tensor, shift: Tensor) -> Callable[[Tensor], Tensor]:
+def _affine(scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     """``x * scale + shift`` per sample and channel (``(B, C)`` float tensors), computed in their float
     type and returned in ``x``'s, as GroupNorm computes in float on half-precision input.
 
     For one sample it is an eval-mode batch norm with mean 0, variance 1 and eps 0: one kernel that
     reads bf16 and computes in float, without the float copy of the tile that ``addcmul`` would take
-    first. Only where batch norm takes half-precision input with float weights (CPU, CUDA); other
-    devices (MPS) get ``addcmul``.
+    first. Only where batch norm takes half-precision ``dtype`` input with float weights: CUDA, and
+    the CPU except in float16 (which torch's CPU batch norm gained after 2.1, our oldest); MPS and
+    the rest get ``addcmul``.
     """
-    if scale.shape[0] == 1 and scale.device.type in ("cpu", "cuda"):
+    fused = scale.device.type == "cuda" or (scale.device.type == "cpu" and dtype != torch.float16)
+    if scale.shape[0] == 1 and fused:
         zero, one = torch.zeros_like(scale[0]), torch.ones_like(scale[0])
         # on a strided region the kernel takes a slow path: the copy into its own layout costs less
         # (and the convolution that reads the result would have made it anyway)
@@ -488,7 +491,9 @@ def _pixel_tokens(v: Tensor) -> Tensor:
 
 
 def _token_pixels(t: Tensor, like: Tensor) -> Tensor:
-    return t.reshape(like.shape[0], *like.shape[2:], -1).permute(0, 3, 1, 2).contiguous()
+    """Tokens ``(B, H*W, C)`` back to pixels in ``like``'s layout: the permuted view already is
+    channels-last, so a channels-last model's tile is made without a copy."""
+    return t.reshape(like.shape[0], *like.shape[2:], -1).permute(0, 3, 1, 2).contiguous(memory_format=_layout(like))
 
 
 def _check_attention(attn: nn.Module, cross: bool) -> None:
