@@ -4,6 +4,7 @@ whole-image work after the tiles that must not hold several float copies of the 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import struct
 import zlib
@@ -226,3 +227,62 @@ def test_16bit_png_is_written_in_bands(tmp_path: Path, monkeypatch):
     rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(10, 1 + 5 * 3 * 2)
     assert not rows[:, 0].any()  # filter 0 on every row
     assert np.array_equal(rows[:, 1:].copy().view(">u2").reshape(10, 5, 3), array)
+
+
+# --- tiny files (#24) ------------------------------------------------------------------------------
+
+
+def _tiny_payloads() -> dict[str, list[bytes]]:
+    """For every suffix this Pillow reads: zero-filled files of 0-15 bytes, and the first 0-15 bytes of
+    a real image of that format (a header cut short), where Pillow can write one."""
+    from vpdsr.outputs import readable_suffixes
+
+    Image.init()
+    payloads = {}
+    for suffix in sorted(readable_suffixes()):
+        fmt = Image.registered_extensions()[suffix]
+        cut: list[bytes] = []
+        for mode in ("RGB", "L", "1"):
+            buffer = io.BytesIO()
+            try:
+                Image.new(mode, (4, 4)).save(buffer, fmt)
+            except Exception:  # noqa: BLE001  (this format cannot write this mode, or writes nothing at all)
+                continue
+            cut = [buffer.getvalue()[:n] for n in range(16)]
+            break
+        payloads[suffix] = [b"\0" * n for n in range(16)] + cut
+    return payloads
+
+
+def test_files_of_0_to_15_bytes_are_refused_in_one_line_for_every_image_suffix():
+    """Pillow 12.3's BMP check raised struct.error on fewer than 4 bytes, outside our opener's try."""
+    unexpected = []
+    for suffix, payloads in _tiny_payloads().items():
+        for data in payloads:
+            try:
+                load_image(data, name=f"x{suffix}")
+            except ImageError as err:
+                zeros = not data.strip(b"\0")
+                if "\n" in str(err) or (zeros and "not an image file" not in str(err)):
+                    unexpected.append((suffix, data, str(err)))
+            except Exception as err:  # noqa: BLE001  (what the test is looking for)
+                unexpected.append((suffix, data, repr(err)))
+            else:
+                if data.strip(b"\0"):  # a tiny image that is whole (a 4x4 PBM) may well decode
+                    continue
+                unexpected.append((suffix, data, "decoded"))
+    assert not unexpected, unexpected[:5]
+
+
+def test_a_folder_run_names_empty_files_and_goes_on(tmp_path: Path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for suffix in (".png", ".bmp", ".jpg", ".webp", ".avif", ".gif", ".tif"):
+        (folder / f"empty{suffix}").write_bytes(b"")
+    Image.fromarray(photo_like(8, 8)).save(folder / "z.png")  # sorted last: reached only if the run goes on
+    out = tmp_path / "out"
+    assert main(["upscale", str(folder), "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "struct.error" not in err
+    assert f"failed: {folder / 'empty.png'}: an empty file (0 bytes), not an image file" in err
+    assert "wrote 1 image" in err and (out / "z.png").is_file()

@@ -94,8 +94,8 @@ def load_image(
         raise
     except Image.DecompressionBombError as err:  # a part of the file (a GIF frame, a TIFF tile) past Pillow's limit
         raise ImageError(f"{name}: refused as a likely decompression bomb ({err})") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{name}: the image is corrupt or truncated ({err})") from None
+    except _CORRUPT as err:
+        raise ImageError(f"{name}: the image is corrupt or truncated ({err or type(err).__name__})") from None
     image.info["vpdsr_bits"] = 16 if _png_bit_depth(data) == 16 or image.mode in ("I;16", "I;16B", "I;16L", "I") else 8
     return ImageOps.exif_transpose(image)
 
@@ -138,6 +138,13 @@ def _read_regular_file(path: Path, name: str, max_pixels: int) -> bytes:
     return data
 
 
+# What a format's check or opener raises on bytes of another format, or on too few of them.
+_NOT_THIS_FORMAT = (SyntaxError, IndexError, TypeError, struct.error, EOFError)
+# What decoding bytes that an opener took raises when they are damaged: Pillow's decoders report
+# a cut or garbled stream in all of these ways, not only as OSError.
+_CORRUPT = (OSError, SyntaxError, ValueError, IndexError, TypeError, struct.error, EOFError)
+
+
 def _open_within(data: bytes, name: str, max_pixels: int) -> ImageFile.ImageFile:
     """``Image.open`` with our pixel limit in place of Pillow's decompression-bomb check.
 
@@ -147,17 +154,22 @@ def _open_within(data: bytes, name: str, max_pixels: int) -> ImageFile.ImageFile
     is tried as ``Image.open`` tries them, and the size it read from the header is held against
     ``max_pixels`` before any pixel data is touched.
     """
+    if not data:
+        raise ImageError(f"{name}: an empty file (0 bytes), not an image file")
     Image.init()
     fp = io.BytesIO(data)
     for fmt in Image.ID:
         factory, accept = Image.OPEN[fmt]
-        accepted = not accept or accept(data[:16])
+        try:  # a check can itself fail on a few bytes (Pillow 12.3's BMP one unpacks 4 of an empty file)
+            accepted = not accept or accept(data[:16])
+        except _NOT_THIS_FORMAT:
+            continue
         if not accepted or isinstance(accepted, str):  # a str is Pillow's "almost, but not this format"
             continue
         fp.seek(0)
         try:
             image = factory(fp, "")
-        except (SyntaxError, IndexError, TypeError, struct.error):  # what an opener raises for another format
+        except _NOT_THIS_FORMAT:
             continue
         width, height = image.size
         if width * height > max_pixels:
