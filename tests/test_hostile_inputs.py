@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -128,10 +129,10 @@ def test_a_write_failure_is_reported_per_file_and_the_others_go_on(tmp_path: Pat
         Image.fromarray(photo_like(8, 8)).save(tmp_path / name)
     real_save = imageio.save_image
 
-    def read_only_for_a(image: Image.Image, path: Path) -> Path:
+    def read_only_for_a(image: Image.Image, path: Path, **options: bool) -> Path:
         if Path(path).name == "a.png":
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-        return real_save(image, path)
+        return real_save(image, path, **options)
 
     monkeypatch.setattr(imageio, "save_image", read_only_for_a)
     out = tmp_path / "out"
@@ -286,3 +287,66 @@ def test_a_folder_run_names_empty_files_and_goes_on(tmp_path: Path, capsys):
     assert "Traceback" not in err and "struct.error" not in err
     assert f"failed: {folder / 'empty.png'}: an empty file (0 bytes), not an image file" in err
     assert "wrote 1 image" in err and (out / "z.png").is_file()
+
+
+# --- several writers into one folder (#24) --------------------------------------------------------
+
+
+def _write_concurrently(path: Path, writers: int, replace: bool) -> list[BaseException]:
+    """``writers`` threads saving different images to ``path`` at the same moment; what each raised."""
+    barrier = threading.Barrier(writers)
+    errors: list[BaseException] = []
+
+    def write(seed: int) -> None:
+        image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+        barrier.wait()
+        for _ in range(10):
+            try:
+                save_image(image, path, replace=replace)
+            except Exception as err:  # noqa: BLE001  (collected for the assertion)
+                errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(seed,)) for seed in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_concurrent_writers_of_one_output_never_take_each_others_file(tmp_path: Path):
+    """One temporary name for all writers made a rename find its file gone (a false failure)."""
+    path = tmp_path / "x.png"
+    assert _write_concurrently(path, writers=4, replace=True) == []
+    assert Image.open(path).size == (96, 96) and [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_without_replace_the_first_writer_wins_and_the_others_are_told(tmp_path: Path):
+    path = tmp_path / "x.png"
+    errors = _write_concurrently(path, writers=4, replace=False)
+    assert len(errors) == 4 * 10 - 1 and all(isinstance(err, FileExistsError) for err in errors)
+    first = np.asarray(Image.open(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+    with pytest.raises(FileExistsError):
+        save_image(Image.new("RGB", (96, 96)), path, replace=False)
+    assert np.array_equal(np.asarray(Image.open(path)), first)  # never replaced
+
+
+def test_an_output_another_run_wrote_first_counts_as_skipped(tmp_path: Path, monkeypatch, capsys):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(photo_like(8, 8)).save(tmp_path / name)
+    out = tmp_path / "out"
+    real_load = imageio.load_image
+
+    def other_run_writes_a_first(source: Path, **options: int) -> Image.Image:
+        if Path(source).name == "a.png":  # the other run finishes a.png while this one upscales it
+            out.mkdir(exist_ok=True)
+            Image.new("RGB", (1, 1)).save(out / "a.png")
+        return real_load(source, **options)
+
+    monkeypatch.setattr(imageio, "load_image", other_run_writes_a_first)
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped 1 file, written meanwhile by another run (kept): {out / 'a.png'}" in err
+    assert "wrote 1 image" in err and "(1 skipped)" in err and "failed" not in err
+    assert Image.open(out / "a.png").size == (1, 1) and sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 COLOR_FIXES = ("none", "adain", "wavelet")
 DEFAULT_COLOR_FIX = "wavelet"
 MAX_LISTED = 20  # file names shown for one kind of skip; the rest are counted
+WRITTEN_MEANWHILE = "written meanwhile by another run (kept)"
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command whose reader went away (128 + SIGPIPE)
 # The flags that fix what the core reports: its messages name no flags, since the node and the demo have none.
 HINTS: dict[type[VPDError], str] = {
@@ -110,8 +111,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         _report_skipped(plan.skipped)
         print("vpdsr: no input images found", file=sys.stderr)
         return 2
-    written, failed, interrupted = _run(plan.jobs, args) if plan.jobs else (0, [], False)
-    _report_skipped(plan.skipped, plan.existing)
+    written, failed, taken, interrupted = _run(plan.jobs, args) if plan.jobs else (0, [], [], False)
+    _report_skipped([*plan.skipped, *((job.target, WRITTEN_MEANWHILE) for job in taken)], plan.existing)
     for problem in failed:
         print(f"vpdsr: failed: {problem}", file=sys.stderr)
     images = _files(written, "image")
@@ -119,14 +120,19 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         print(f"vpdsr: interrupted after writing {images} to {plan.output}; run the same command again to resume "
               "(finished outputs are kept)", file=sys.stderr)  # fmt: skip
         return 130
-    skipped = len(plan.skipped) + len(plan.existing)
+    skipped = len(plan.skipped) + len(plan.existing) + len(taken)
     counts = [f"{n} {what}" for n, what in ((len(failed), "failed"), (skipped, "skipped")) if n]
     print(f"vpdsr: wrote {images} to {plan.output}" + (f" ({', '.join(counts)})" if counts else ""), file=sys.stderr)
     return 1 if failed else 0
 
 
-def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str], bool]:
-    """Load the model and upscale each job: (images written, why each failure failed, interrupted)."""
+def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str], list[Job], bool]:
+    """Load the model and upscale each job: (images written, why each failure failed, the jobs whose
+    output another run wrote first, interrupted).
+
+    Without --overwrite an output that appears while this run works is left as it is and counted as
+    skipped: two runs into one folder share the work rather than report each other as failures.
+    """
     from tqdm import tqdm
 
     from .imageio import DEFAULT_MAX_PIXELS, load_image, save_image
@@ -137,7 +143,7 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
     options: dict[str, Any] = {"scale": args.scale, "tile": args.tile,
                                "color_fix": args.color_fix, "prompt": args.prompt}  # fmt: skip
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
-    written, failed = 0, []
+    written, failed, taken = 0, [], []
     # images as a fraction, so that the bar (and its time left) moves with every tile of a large image
     bar = tqdm(total=len(jobs), unit="img", disable=args.quiet,
                bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}{postfix}]")  # fmt: skip
@@ -151,8 +157,11 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
                 bar.set_postfix_str(job.source.name)
                 try:
                     image = load_image(job.source, max_pixels=max_pixels)
-                    save_image(pipe.upscale_pil(image, **options, progress=_image_progress(bar, index)), job.target)
+                    result = pipe.upscale_pil(image, **options, progress=_image_progress(bar, index))
+                    save_image(result, job.target, replace=args.overwrite)
                     written += 1
+                except FileExistsError:
+                    taken.append(job)
                 except ImageError as err:  # its message starts with the file's name
                     failed.append(str(err))
                 except VPDError as err:
@@ -161,10 +170,10 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
                     failed.append(f"{job.target}: cannot write the result ({err.strerror or err})")
             bar.update(len(jobs) - bar.n)
         except KeyboardInterrupt:
-            return written, failed, True
+            return written, failed, taken, True
         finally:
             bar.close()
-    return written, failed, False
+    return written, failed, taken, False
 
 
 def _image_progress(bar: Any, index: int) -> Callable[[int, int], None]:

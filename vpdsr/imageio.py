@@ -9,8 +9,10 @@ ICC profile is written into the output so colours are interpreted as in the inpu
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import secrets
 import stat
 import struct
 import zlib
@@ -306,17 +308,21 @@ def _write_png16(path: Path, array: np.ndarray, icc: bytes | None) -> None:
         file.write(chunk(b"IDAT", compressor.flush()) + chunk(b"IEND", b""))
 
 
-def save_image(image: Image.Image, path: str | Path) -> Path:
+def save_image(image: Image.Image, path: str | Path, *, replace: bool = True) -> Path:
     """Write losslessly when the suffix allows (PNG by default), keeping the ICC profile.
 
-    The file is written beside its destination and renamed into place, so a crash never leaves
-    a half-written result over an existing file.
+    The file is written beside its destination under a name of this writer's own (process id and
+    a random part), then moved into place, so a crash never leaves a half-written result over an
+    existing file, and two processes writing into one folder never take each other's half-written
+    file. With ``replace=False`` an existing destination is never replaced, not even one that
+    another writer finished while this one worked: that raises FileExistsError and the other
+    writer's file stays as it was.
     """
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ImageError(f"{path.name}: unknown image format {path.suffix!r}; use .png")
@@ -332,9 +338,28 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
             if fmt == "JPEG":
                 options["quality"] = 95
             image.save(tmp, format=fmt, **options)
-        tmp.replace(path)
-    except BaseException:  # a full disk, a lost mount, Ctrl-C: leave no half-written file behind
+        if replace:
+            tmp.replace(path)
+        else:
+            _publish_new(tmp, path)
+    finally:  # a full disk, a lost mount, Ctrl-C, or published: leave no temporary file behind
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise
     return path
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Give the finished ``tmp`` the name ``path`` unless that exists, in one atomic step.
+
+    A hard link fails with FileExistsError when the name is taken, which a rename does not do on
+    POSIX. Where a filesystem has no hard links (FAT, some network mounts), the existence check and
+    the rename are two steps: a writer finishing between them is replaced, never corrupted.
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        tmp.replace(path)
