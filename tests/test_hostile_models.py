@@ -188,3 +188,58 @@ def test_demo_shows_the_message_instead_of_an_image(tmp_path: Path, photo: Path)
     with pytest.raises(VPDError, match="NaN or infinite values"):  # the page shows VPDErrors as gr.Error
         engine.upscale_file(models, photo, engine.UpscaleOptions(), tmp_path / "result")
     assert not list(tmp_path.glob("result/*.png"))
+
+
+# --- weights that are not floats, and model paths that are not files (#24) ------------------------
+
+
+def test_integer_weights_are_refused_in_one_line(tmp_path: Path, photo: Path, capsys):
+    """int8 tensors under unchanged metadata loaded, were cast to float and gave garbage (10 dB)."""
+    tensors, meta = _default()
+    key = "unet.conv_in.weight"
+    tensors = {k: (v.clamp(-1, 1) * 127).to(torch.int8) if k.startswith("unet.") else v for k, v in tensors.items()}
+    bad = _write(tmp_path / "int8.safetensors", tensors, meta)
+    with pytest.raises(ModelFileError, match=r"int8\.safetensors: \d+ tensors are stored as int8, e\.g\. unet\.") as caught:
+        load_student(bad)
+    assert "\n" not in str(caught.value) and "floating point" in str(caught.value)
+    assert _upscale(photo, tmp_path / "out", bad) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "int8" in err and key.split(".")[0] in err and "Traceback" not in err
+    assert not list(tmp_path.glob("out/**/*.png"))
+
+
+def test_half_precision_weights_still_load(tmp_path: Path):
+    tensors, meta = _default()
+    half = _write(tmp_path / "half.safetensors", {k: v.half() for k, v in tensors.items()}, meta)
+    assert load_student(half) is not None
+
+
+def _special_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    import os
+
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    cases = {"folder": (folder, "is a folder, not a model file")}
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.safetensors")
+        cases["fifo"] = (tmp_path / "pipe.safetensors", "is a pipe, not a model file")
+    if Path("/dev/zero").exists():
+        (tmp_path / "zero.safetensors").symlink_to("/dev/zero")
+        cases["link to /dev/zero"] = (tmp_path / "zero.safetensors", "is a device, not a model file")
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    cases["dangling link"] = (tmp_path / "dangling.safetensors", "is a link to a missing file")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["folder", "fifo", "link to /dev/zero", "dangling link"])
+def test_a_model_path_that_is_not_a_file_says_what_it_is(tmp_path: Path, photo: Path, capsys, case: str):
+    cases = _special_paths(tmp_path)
+    if case not in cases:
+        pytest.skip(f"no {case} here")
+    path, message = cases[case]
+    with pytest.raises(ModelFileError, match=message) as caught:
+        read_meta(path)
+    assert "not found" not in str(caught.value)
+    assert main(["info", str(path)]) == 2 and _upscale(photo, tmp_path / "out", path) == 2
+    err = capsys.readouterr().err
+    assert err.count(message) == 2 and "not found" not in err and "Traceback" not in err

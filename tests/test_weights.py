@@ -272,3 +272,14 @@ def test_single_file_without_text_encoder_warns(parts, tmp_path):
     with pytest.warns(UserWarning, match="no text encoder"):
         base = load_base(TINY_SD2, path)
     assert base.text_encoder is None
+
+
+def test_integer_weights_in_a_single_file_are_refused(parts, tmp_path):
+    """Cast to float they loaded without a word, and every image came out as noise (#24)."""
+    state = ldm_state(*parts)
+    state = {k: v.round().to(torch.int8) if "model.diffusion_model." in k else v for k, v in state.items()}
+    path = tmp_path / "int8.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ModelFileError, match=r"int8\.safetensors: its UNet has \d+ tensors stored as int8, e\.g\. ") as err:
+        load_base(TINY_SD2, path)
+    assert "\n" not in str(err.value)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -181,9 +183,33 @@ def _depth(value: Any, limit: int, level: int = 1) -> int:
     return max((_depth(child, limit, level + 1) for child in children), default=level)
 
 
+def _check_regular_file(path: Path) -> None:
+    """Refuse a path that is not a regular file, saying what it is: a folder, a pipe or a device
+    (``/dev/zero`` would never end, a FIFO waits forever for a writer) is not "not found"."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ModelFileError(f"{path}: is a link to a missing file ({os.readlink(path)})") from None
+        raise ModelFileError(f"model file not found: {path}") from None
+    except OSError as err:  # a path through a file, a folder we may not enter, a link loop
+        raise ModelFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if stat.S_ISREG(info.st_mode):
+        return
+    if stat.S_ISDIR(info.st_mode):
+        kind = "a folder"
+    elif stat.S_ISFIFO(info.st_mode):
+        kind = "a pipe"
+    elif stat.S_ISSOCK(info.st_mode):
+        kind = "a socket"
+    else:
+        kind = "a device"
+    link = f" (a link to {os.readlink(path)})" if path.is_symlink() else ""
+    raise ModelFileError(f"{path}: is {kind}, not a model file{link}")
+
+
 def _open(path: Path):
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+    _check_regular_file(path)
     if path.suffix.lower() != ".safetensors":
         raise ModelFileError(
             f"{path.name}: vpdsr model files are .safetensors (for OSEDiff .pkl files use `vpdsr convert-osediff`)"
@@ -356,6 +382,24 @@ def _check_fit(meta: StudentMeta, shapes: dict[str, tuple[int, ...]], source: st
         )
 
 
+# safetensors' names of the floating-point types a student's weights may be stored in; each is
+# cast to the pipeline's precision on load. An integer tensor cast like that is not a weight: it
+# would be the quantized value without its scale, and every image would come out as noise.
+_FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_INTEGER_DTYPES = {f"{p}{b}": f"{n}{b}" for p, n in (("I", "int"), ("U", "uint")) for b in (8, 16, 32, 64)}
+
+
+def _check_dtypes(dtypes: dict[str, str], source: str) -> None:
+    """Refuse, from the file's index, tensors whose type is not floating point (int8, say)."""
+    bad = sorted(k for k, dtype in dtypes.items() if dtype not in _FLOAT_DTYPES)
+    if bad:
+        names = ", ".join(sorted({_INTEGER_DTYPES.get(dtypes[k], dtypes[k].lower()) for k in bad}))
+        raise ModelFileError(
+            f"{source}: {len(bad)} tensors are stored as {names}, e.g. {bad[0]}; vpdsr weights are floating point "
+            f"({', '.join(_FLOAT_DTYPES.values())}), and a quantized file cannot be read as one"
+        )
+
+
 def _read_tensors(f: Any, source: str) -> dict[str, torch.Tensor]:
     """Every tensor of an open file, each checked once for NaN and infinity.
 
@@ -401,6 +445,7 @@ def load_student(path: str | Path, base: Any = None) -> OneStepStudent:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as err:
             raise ModelFileError(f"{path.name}: the file is damaged, a tensor could not be read ({err})") from None
+        _check_dtypes({k: f.get_slice(k).get_dtype() for k in f.keys()}, path.name)
         _check_fit(meta, shapes, path.name)
         tensors = _read_tensors(f, path.name)
     prompt_embeds = tensors.pop("prompt_embeds", None)

@@ -334,4 +334,12 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], what: str, config:
     bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
     if bad:
         raise ModelFileError(f"{what} has another architecture than the {config.name} backbone, e.g. {bad[:2]}")
+    # cast to float below, a quantized tensor would lose its scale and give noise, not an error
+    integer = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if integer:
+        kinds = ", ".join(sorted({str(state[k].dtype).removeprefix("torch.") for k in integer}))
+        raise ModelFileError(
+            f"{what} has {len(integer)} tensors stored as {kinds}, e.g. {integer[0]}; base weights are floating "
+            "point, and a quantized checkpoint cannot be read as one"
+        )
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
