@@ -37,7 +37,7 @@ from vpdsr.errors import (
 )
 from vpdsr.imageio import load_image, pil_to_tensor, save_image
 from vpdsr.modelfile import StudentMeta
-from vpdsr.pipeline import network_scale, resolve_device, resolve_scale, scale_note
+from vpdsr.pipeline import ceil_to, network_scale, resolve_device, resolve_scale, scale_note
 from vpdsr.semantics import InspectionReport, SemanticModel
 
 Progress = Callable[[float, str], None]  # fraction done in [0, 1], what is being done
@@ -263,22 +263,41 @@ def check_work(models: DemoModels, sizes: Sequence[tuple[int, int]], options: Up
     """Refuse a request whose images would make the network compute more pixels than the demo's
     ``max_output_pixels``, before any work. A job's time grows with those pixels, the input pixel
     limit alone allows an hour-long x4 job on a CPU, and one job holds the model for everyone.
-    ``asked`` says what was asked for, e.g. ``"photo.png: 800×600 at ×4"``."""
+    ``asked`` says what was asked for, e.g. ``"photo.png: 800×600 at ×4"``.
+
+    The pixels counted are the padded ones the network really computes: each side is padded up to
+    the model's multiple, so a 262144×1 upload (4.2 megapixels at ×4 before padding, as many as
+    512×512) computes 1048576×16 at ×4, four times the work and memory of the square."""
     if models.meta is None:
         return  # loading the model refuses the request with its own message
     scale = resolve_scale(models.meta, options.scale)  # a bad scale gets the pipeline's own message
     run = network_scale(models.meta, options.scale)  # from the metadata alone: before any model loads
+    multiple = pad_multiple(models.meta)
     pixels = [(round(w * run), round(h * run)) for w, h in sizes]
-    total, limit = sum(w * h for w, h in pixels), models.config.max_output_pixels
+    padded = [(ceil_to(w, multiple), ceil_to(h, multiple)) for w, h in pixels]
+    total, limit = sum(w * h for w, h in padded), models.config.max_output_pixels
     if total <= limit:
         return
-    computed = f"{pixels[0][0]}×{pixels[0][1]} pixels, " if len(pixels) == 1 else ""
+    computed = ""
+    if len(pixels) == 1:
+        (w, h), (pw, ph) = pixels[0], padded[0]
+        computed = f"{w}×{h} pixels, " if (w, h) == (pw, ph) else (
+            f"{w}×{h} pixels padded to {pw}×{ph} (the model works on sides that are multiples of {multiple}), "
+        )
     how = f" (the model computes at its own ×{run:g}, then scales down)" if run > scale else ""
     raise VPDError(
         f"{asked} means computing {computed}{total / 1e6:.1f} megapixels{how}: above this demo's limit of "
         f"{limit / 1e6:.1f} megapixels per request. Use smaller images, or start the demo with a larger "
         f"{launch_option('--max-output-pixels')}"
     )
+
+
+def pad_multiple(meta: StudentMeta) -> int:
+    """The multiple ``VPDPipeline.multiple`` pads each side to, from the metadata alone, so that a
+    request is refused before any model loads."""
+    if meta.preprocess.pad_multiple:
+        return meta.preprocess.pad_multiple
+    return meta.backbone.vae_factor * 2 ** (len(meta.backbone.unet["block_out_channels"]) - 1)
 
 
 def upscale_image(

@@ -234,3 +234,19 @@ def test_defaults_and_bad_numbers(clean_env: pytest.MonkeyPatch) -> None:
         config_from_args(parser.parse_args(["--port", "eighty"]))
     with pytest.raises(SystemExit, match="--max-pixels must be at least 1"):
         config_from_args(parser.parse_args(["--max-pixels", "0"]))
+
+
+def test_the_work_limit_counts_the_padded_pixels(files: Path) -> None:
+    """A 262144×1 upload is 4.2 megapixels at ×4, as many as 512×512, but the network computes its
+    short side padded to 16: 139 s and 4.3 GB against 14-17 s and 2.1 GB for the square (#24)."""
+    from vpdsr.errors import VPDError
+
+    models = engine.DemoModels(DemoConfig(model=files / "tiny.safetensors", device="cpu",
+                                          max_output_pixels=2048 * 2048))  # fmt: skip
+    engine.check_work(models, [(512, 512)], engine.UpscaleOptions(scale=4), "square.png")  # at the limit
+    expected = (r"^line.png: 262144×1 at ×4 means computing 1048576×4 pixels padded to 1048576×16 \(the model works "
+                r"on sides that are multiples of 16\), 16.8 megapixels: above this demo's limit of 4.2 megapixels")
+    with pytest.raises(VPDError, match=expected):
+        engine.check_work(models, [(262144, 1)], engine.UpscaleOptions(scale=4), "line.png: 262144×1 at ×4")
+    assert models._pipeline is None  # refused from the metadata alone
+    assert engine.pad_multiple(models.meta) == models.pipeline()[0].multiple  # the pipeline pads as counted
