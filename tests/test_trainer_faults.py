@@ -5,6 +5,7 @@ Runs are a few steps of the tiny teacher (no teacher file needed), set up as in 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -180,3 +181,84 @@ def test_a_second_interrupt_exits_at_once_with_one_line_and_restores_the_handler
     ]
     assert not (out / "checkpoints").exists()
     assert issubclass(TrainingAborted, KeyboardInterrupt)  # what a host's `except Exception` lets through
+
+
+# ----------------------------------------------------------------------------- write faults (#24)
+
+# The trainer's command line with the second checkpoint's weights failing to write as on a full disk.
+_FULL_DISK_ON_SECOND_CHECKPOINT = """
+import errno, os, sys
+from trainer import checkpoint, cli
+real, calls = checkpoint.save_file, []
+def save_file(tensors, path, *args, **kwargs):
+    if path.endswith("weights.safetensors"):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return real(tensors, path, *args, **kwargs)
+checkpoint.save_file = save_file
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="loader workers start by fork on POSIX only")
+def test_a_failed_checkpoint_write_with_loader_workers_ends_the_run_in_one_line(images, tmp_path):
+    """Workers ignore SIGTERM (so a scheduler's SIGTERM lets the step finish), and multiprocessing's
+    exit handler terminated them and waited forever: any error hung the run once workers existed."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", _FULL_DISK_ON_SECOND_CHECKPOINT, "--config", str(TEACHER), "--no-progress",
+               *_teacher(images, out, "optim.steps=6", "checkpoint.every=1", "data.num_workers=2", "optim.threads=1")]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too
+        proc.communicate()
+        pytest.fail("the run hung after the failed checkpoint write")
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    partial = out / "checkpoints" / "step-00000002.partial"
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot write the checkpoint of step 2 ({partial / 'weights.safetensors'}: "
+        f"{os.strerror(errno.ENOSPC)}); the last one written is kept"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]  # nothing half-written
+    cfg = load_config(TEACHER, _teacher(images, out, "optim.steps=3"))
+    assert train(cfg, resume="latest", progress=False).is_file()  # the last good one resumes
+
+
+def test_a_failed_export_is_finished_from_the_final_checkpoint(images, tmp_path, capsys, monkeypatch):
+    """The final checkpoint was written, the export was not: `--resume latest` refused ("step 3 is not
+    before optim.steps = 3"), so the trained model could not be had without training again."""
+    expected = load_file(train(load_config(TEACHER, _teacher(images, tmp_path / "clean", "optim.steps=3")),
+                               progress=False))  # fmt: skip
+    out = tmp_path / "run"
+    args = ["--config", str(TEACHER), "--no-progress", *_teacher(images, out, "optim.steps=3")]
+    real_export = TeacherStage.export
+
+    def disk_full(self: TeacherStage, out_dir: Path) -> Path:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_dir / "tiny-teacher.safetensors.tmp"))
+
+    monkeypatch.setattr(TeacherStage, "export", disk_full)
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot write the model ({out / 'tiny-teacher.safetensors.tmp'}: {os.strerror(errno.ENOSPC)}); "
+        "the checkpoint of step 3 is kept: the command `export` with the same config writes the model from it"
+    )
+    monkeypatch.setattr(TeacherStage, "export", real_export)
+    assert cli.main(["export", "--resume", "latest", *args]) == 0  # or `export` alone: latest is its default
+    got = load_file(out / "tiny-teacher.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]  # not trained again
+
+
+def test_export_refuses_a_checkpoint_before_the_last_step(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(load_config(TEACHER, _teacher(images, out, "optim.steps=3", "checkpoint.every=1")), progress=False)
+    checkpoint = out / "checkpoints" / "step-00000002"
+    assert cli.main(["export", "--resume", str(checkpoint), "--config", str(TEACHER), "--no-progress",
+                     *_teacher(images, out, "optim.steps=3")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is at step 2, before optim.steps = 3: there is no trained model to export" in err

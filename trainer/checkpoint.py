@@ -41,6 +41,7 @@ from .config_loading import ConfigError
 __all__ = [
     "CheckpointState",
     "CorruptCheckpoint",
+    "WriteFailed",
     "load_checkpoint",
     "load_latest",
     "prune_checkpoints",
@@ -63,6 +64,23 @@ class CorruptCheckpoint(ConfigError):
     def __init__(self, folder: Path, problem: str) -> None:
         super().__init__(f"{folder.name}: {problem}")
         self.folder, self.problem = folder, problem
+
+
+class WriteFailed(RuntimeError):
+    """A checkpoint or the exported model could not be written (a full disk, a lost mount, no
+    permission); the message names the file and the cause, and what was written before is kept."""
+
+
+# What a failed write raises: the OS, safetensors (its own type, wrapping the I/O error), torch.save
+# (RuntimeError: "PytorchStreamWriter failed writing file").
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def write_failure(err: BaseException, path: Path) -> str:
+    """``file: cause`` for a failed write into ``path``: the OS's words where it gave them."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename or path}: {err.strerror}"
+    return f"{path}: {(str(err).strip().splitlines() or [type(err).__name__])[0][:200]}"
 
 
 class CheckpointState:
@@ -110,10 +128,26 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
 
 
 def save_checkpoint(root: Path, step: int, state: CheckpointState, extra: dict[str, Any]) -> Path:
-    """Write the checkpoint for ``step`` completed steps atomically; returns its folder."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint for ``step`` completed steps atomically; returns its folder.
+
+    A write that fails raises WriteFailed naming the file and the cause, after removing what it
+    wrote: on a full disk the partial folder would only hold space the next attempt needs, and
+    the checkpoints already published are not touched.
+    """
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / (final.name + PARTIAL)
+    try:
+        _write(root, tmp, final, step, state, extra)
+    except WRITE_ERRORS as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteFailed(
+            f"cannot write the checkpoint of step {step} ({write_failure(err, tmp)}); the last one written is kept"
+        ) from None
+    return final
+
+
+def _write(root: Path, tmp: Path, final: Path, step: int, state: CheckpointState, extra: dict[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -133,7 +167,6 @@ def save_checkpoint(root: Path, step: int, state: CheckpointState, extra: dict[s
     info = {"step": step, "rng": rng_plain, "files": sizes, **extra}
     (tmp / "state.json").write_text(json.dumps(info), encoding="utf-8")
     _publish(tmp, final)
-    return final
 
 
 def _fsync(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 python trainer/run.py --config trainer/configs/tiny-student.yaml [section.key=value ...]
 python trainer/run.py --config ... --resume latest
+python trainer/run.py export --config ... [--resume CHECKPOINT]   (the model, from the final checkpoint)
 python trainer/run.py degrade-preview --config ... --out grid.png
 python trainer/run.py cache-sr-teacher --config ...       (student.sr_teacher's targets, ahead of training)
 python trainer/run.py export-realesrgan -o realesrgan-x4plus.safetensors [--model NAME] [--force]
@@ -30,10 +31,14 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Overrides set any config key, e.g. data.hr_dirs=[photos] optim.steps=500 losses.vsd.weight=0.5",
     )
     parser.add_argument(
-        "command", nargs="?", default="train", choices=("train", "degrade-preview", "cache-sr-teacher", "export-realesrgan")
+        "command",
+        nargs="?",
+        default="train",
+        choices=("train", "export", "degrade-preview", "cache-sr-teacher", "export-realesrgan"),
     )
     parser.add_argument("--config", required=True, help="YAML config (see trainer/configs/)")
-    parser.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoint folder to continue from")
+    parser.add_argument("--resume", metavar="CHECKPOINT",
+                        help="'latest' or a checkpoint folder to continue from (export: to export, default latest)")  # fmt: skip
     parser.add_argument("--out", help="degrade-preview: the PNG to write")
     parser.add_argument("--count", type=int, default=4, help="degrade-preview: how many images (default 4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
@@ -116,6 +121,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return _degrade_preview(args, overrides)
         from tqdm import tqdm
 
+        from .checkpoint import WriteFailed
         from .loop import TrainingInterrupted, TrainingStopped, fill_sr_teacher_cache, train
 
         cfg = load_config(args.config, overrides)
@@ -126,12 +132,17 @@ def _main(argv: Sequence[str] | None) -> int:
         try:
             with warnings.catch_warnings():  # the trainer's notes (a skipped checkpoint or step): one line each
                 warnings.showwarning = lambda message, *_: tqdm.write(f"warning: {message}", file=sys.stderr)
-                path = train(cfg, resume=args.resume, progress=not args.no_progress)
+                export_only = args.command == "export"
+                resume = args.resume or ("latest" if export_only else None)
+                path = train(cfg, resume=resume, progress=not args.no_progress, export_only=export_only)
         except TrainingInterrupted as err:
             print(f"{err}; continue with: --resume latest", file=sys.stderr)
             return 128 + err.signum
         except TrainingStopped as err:
             print(f"training stopped: {err}", file=sys.stderr)
+            return 1
+        except WriteFailed as err:
+            print(f"error: {err}", file=sys.stderr)
             return 1
         if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
             print(f"exported {path}")

@@ -15,6 +15,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,17 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm import tqdm
 
 from .batches import build_step_loader, data_step, derive_seed
-from .checkpoint import CheckpointState, load_checkpoint, load_latest, prune_checkpoints, save_checkpoint, trained_keys
+from .checkpoint import (
+    WRITE_ERRORS,
+    CheckpointState,
+    WriteFailed,
+    load_checkpoint,
+    load_latest,
+    prune_checkpoints,
+    save_checkpoint,
+    trained_keys,
+    write_failure,
+)
 from .config import TrainConfig
 from .config_loading import ConfigError
 from .data import build_val_loader
@@ -117,16 +128,32 @@ def step_inputs(
     """Endless ``(step, hr, lr)`` from step ``start`` on: the crops of the step and their LR, made
     by the degradation seeded by (seed, step, rank) — or read from the paired LR folders."""
     batches = iter(build_step_loader(cfg.data, cfg.scale, cfg.seed, start, rank, world))
-    step = start
-    while True:
-        item = next(batches)
-        hr = item["hr"].to(device)
-        if "lr" in item:
-            lr = item["lr"].to(device)
-        else:
-            lr = _degrade(hr, cfg, derive_seed(cfg.seed, data_step(step, cfg.data.fixed_batches), rank, _DEGRADE))
-        yield step, hr, lr
-        step += 1
+    try:
+        step = start
+        while True:
+            item = next(batches)
+            hr = item["hr"].to(device)
+            if "lr" in item:
+                lr = item["lr"].to(device)
+            else:
+                lr = _degrade(hr, cfg, derive_seed(cfg.seed, data_step(step, cfg.data.fixed_batches), rank, _DEGRADE))
+            yield step, hr, lr
+            step += 1
+    finally:
+        _shutdown_workers(batches)
+
+
+def _shutdown_workers(batches: Iterator[dict]) -> None:
+    """Stop a loader iterator's workers now, the way its garbage collection would.
+
+    Workers ignore SIGTERM (``batches._leave_signals_to_the_loop``), so whatever ends a run must
+    stop them through the loader: left to multiprocessing's exit handler, which terminates daemon
+    processes with SIGTERM and then joins them, they made every error a hang. A traceback keeps
+    the iterator alive past that handler, hence this call instead of relying on ``del``.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own; absent without workers
+    if shutdown is not None:
+        shutdown()
 
 
 def fill_sr_teacher_cache(cfg: TrainConfig, *, progress: bool = True) -> int:
@@ -143,10 +170,10 @@ def fill_sr_teacher_cache(cfg: TrainConfig, *, progress: bool = True) -> int:
     if cfg.optim.threads:
         torch.set_num_threads(cfg.optim.threads)
     teacher = load_sr_teacher(sc.sr_teacher, cfg.scale, sc.sr_teacher_cache)
-    inputs = step_inputs(cfg, 0)
-    for _ in tqdm(range(min(cfg.data.fixed_batches, cfg.optim.steps)), disable=not progress, unit="batch"):
-        _, _, lr = next(inputs)
-        teacher(lr)
+    with closing(step_inputs(cfg, 0)) as inputs:
+        for _ in tqdm(range(min(cfg.data.fixed_batches, cfg.optim.steps)), disable=not progress, unit="batch"):
+            _, _, lr = next(inputs)
+            teacher(lr)
     return teacher.computed
 
 
@@ -167,8 +194,13 @@ def _validation_batches(cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
 
 
 def _resume(
-    stage: Stage, state: CheckpointState, cfg: TrainConfig, resume: str, device: torch.device
+    stage: Stage, state: CheckpointState, cfg: TrainConfig, resume: str, device: torch.device, export_only: bool
 ) -> tuple[int, int]:
+    """Load the checkpoint ``resume`` names; returns its step and its count of bad steps in a row.
+
+    A checkpoint at the last step is accepted: the run then only exports. That finishes a run whose
+    final checkpoint was written but whose export failed (a full disk), without training again.
+    """
     if resume == "latest":
         path, info = load_latest(Path(cfg.output_dir) / "checkpoints", state, device)
     else:
@@ -177,8 +209,13 @@ def _resume(
     saved_stage = info.get("config", {}).get("stage")
     if saved_stage != cfg.stage:
         raise ConfigError(f"{path} is a checkpoint of a {saved_stage!r} run, this config trains {cfg.stage!r}")
-    if info["step"] >= cfg.optim.steps:
-        raise ConfigError(f"{path} is at step {info['step']}, which is not before optim.steps = {cfg.optim.steps}")
+    if info["step"] > cfg.optim.steps:
+        raise ConfigError(f"{path} is at step {info['step']}, past optim.steps = {cfg.optim.steps}")
+    if export_only and info["step"] < cfg.optim.steps:
+        raise ConfigError(
+            f"{path} is at step {info['step']}, before optim.steps = {cfg.optim.steps}: there is no trained model to "
+            "export yet; finish the training with --resume"
+        )
     return int(info["step"]), int(info.get("bad_steps", 0))
 
 
@@ -186,17 +223,20 @@ def _postfix(logs: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3g}" for k, v in logs.items() if k != "lr")
 
 
-def train(cfg: TrainConfig, resume: str | None = None, *, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, resume: str | None = None, *, progress: bool = True, export_only: bool = False) -> Path:
     """Run a stage from ``cfg`` (optionally resuming) and return the path of the exported model.
 
     A Ctrl-C or SIGTERM anywhere in the run ends it after the current step with a checkpoint
-    (TrainingInterrupted); a second one aborts at once (TrainingAborted).
+    (TrainingInterrupted); a second one aborts at once (TrainingAborted). Resuming from the last
+    step's checkpoint only exports; ``export_only`` refuses any other checkpoint.
     """
+    if export_only and not resume:
+        raise ConfigError("exporting needs the final checkpoint of a run: 'latest' or a checkpoint folder")
     with _StopFlag() as stop:
-        return _train(cfg, resume, progress, stop)
+        return _train(cfg, resume, progress, stop, export_only)
 
 
-def _train(cfg: TrainConfig, resume: str | None, progress: bool, stop: _StopFlag) -> Path:
+def _train(cfg: TrainConfig, resume: str | None, progress: bool, stop: _StopFlag, export_only: bool) -> Path:
     out = Path(cfg.output_dir)
     if cfg.optim.threads:
         torch.set_num_threads(cfg.optim.threads)
@@ -217,9 +257,8 @@ def _train(cfg: TrainConfig, resume: str | None, progress: bool, stop: _StopFlag
     val_batches = _validation_batches(cfg)
     start, bad_steps = 0, 0
     if resume:
-        start, bad_steps = _resume(stage, state, cfg, resume, acc.device)
+        start, bad_steps = _resume(stage, state, cfg, resume, acc.device, export_only)
     steps = cfg.optim.steps
-    inputs = step_inputs(cfg, start, rank, world, acc.device)
 
     main = acc.is_main_process
     logbook = Logbook(out, enabled=main)
@@ -251,42 +290,58 @@ def _train(cfg: TrainConfig, resume: str | None, progress: bool, stop: _StopFlag
     if stop.requested and step < steps:  # asked during set-up (loading weights, resuming): no step is owed
         bar.close()
         raise TrainingInterrupted(start, None, stop.signum or signal.SIGINT)
-    while step < steps:
-        _, hr, lr = next(inputs)
-        generator = torch.Generator(acc.device).manual_seed(derive_seed(cfg.seed, step, rank, _STEP))
-        try:
-            with acc.autocast():
-                logs = stage.train_step({"hr": hr, "lr": lr}, step, generator)
-            bad_steps = 0
-        except NonFiniteLoss as err:
-            stage.zero_grad()
-            bad_steps += 1
-            warnings.warn(f"step {step} skipped: {err} ({bad_steps} in a row)", stacklevel=1)
-            if bad_steps >= cfg.optim.max_bad_steps:
-                raise TrainingStopped(
-                    f"{bad_steps} steps in a row had a NaN/inf loss (last: {err}); lower optim.lr, "
-                    "check the data, or resume from an earlier checkpoint"
-                ) from None
-            logs = {}
-        step += 1
-        bar.update(1)
-        if logs:
-            bar.set_postfix_str(_postfix(logs), refresh=False)
-            if main and (step % cfg.optim.log_every == 0 or step == steps):
-                logbook.log(step, {k: v for k, v in logs.items() if math.isfinite(v)})
-        stop_now = bool(acc.gather(torch.tensor([float(stop.requested)], device=acc.device)).sum() > 0)
-        if stop_now and step < steps:  # after the last step, finishing is the quickest way out
-            bar.close()
-            logbook.close()
-            raise TrainingInterrupted(step, checkpoint(step), stop.signum or signal.SIGINT)
-        if step % cfg.checkpoint.every == 0 and step < steps:
-            checkpoint(step)
-        if step % cfg.validation.every == 0 or step == steps:
-            validate(step)
+    # the loader's workers end with the loop, however it ends (#24): a final checkpoint or export
+    # that fails then has no worker left to wait for
+    with closing(step_inputs(cfg, start, rank, world, acc.device)) as inputs:
+        while step < steps:
+            _, hr, lr = next(inputs)
+            generator = torch.Generator(acc.device).manual_seed(derive_seed(cfg.seed, step, rank, _STEP))
+            try:
+                with acc.autocast():
+                    logs = stage.train_step({"hr": hr, "lr": lr}, step, generator)
+                bad_steps = 0
+            except NonFiniteLoss as err:
+                stage.zero_grad()
+                bad_steps += 1
+                warnings.warn(f"step {step} skipped: {err} ({bad_steps} in a row)", stacklevel=1)
+                if bad_steps >= cfg.optim.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{bad_steps} steps in a row had a NaN/inf loss (last: {err}); lower optim.lr, "
+                        "check the data, or resume from an earlier checkpoint"
+                    ) from None
+                logs = {}
+            step += 1
+            bar.update(1)
+            if logs:
+                bar.set_postfix_str(_postfix(logs), refresh=False)
+                if main and (step % cfg.optim.log_every == 0 or step == steps):
+                    logbook.log(step, {k: v for k, v in logs.items() if math.isfinite(v)})
+            stop_now = bool(acc.gather(torch.tensor([float(stop.requested)], device=acc.device)).sum() > 0)
+            if stop_now and step < steps:  # after the last step, finishing is the quickest way out
+                bar.close()
+                logbook.close()
+                raise TrainingInterrupted(step, checkpoint(step), stop.signum or signal.SIGINT)
+            if step % cfg.checkpoint.every == 0 and step < steps:
+                checkpoint(step)
+            if step % cfg.validation.every == 0 or step == steps:
+                validate(step)
     bar.close()
-    checkpoint(steps)
+    if start < steps:  # else the run resumed from this very checkpoint, to export
+        checkpoint(steps)
     logbook.close()
     acc.wait_for_everyone()
-    path = stage.export(out) if main else out / f"{cfg.name}.safetensors"
+    path = _export(stage, out, steps) if main else out / f"{cfg.name}.safetensors"
     acc.wait_for_everyone()
     return path
+
+
+def _export(stage: Stage, out: Path, step: int) -> Path:
+    """``stage.export``, where a failed write is one WriteFailed naming the file and how to retry."""
+    target = out / f"{stage.cfg.name}.safetensors"
+    try:
+        return stage.export(out)
+    except WRITE_ERRORS as err:
+        raise WriteFailed(
+            f"cannot write the model ({write_failure(err, target)}); the checkpoint of step {step} is kept: "
+            "the command `export` with the same config writes the model from it"
+        ) from None

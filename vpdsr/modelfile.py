@@ -289,9 +289,13 @@ def write_model_file(path: str | Path, meta: StudentMeta, tensors: dict[str, tor
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tmp.touch()  # a file made the usual way has the mode the user's umask gives; safetensors' own is 0600,
     mode = tmp.stat().st_mode  # which left trained models unreadable to the rest of a shared machine
-    save_file(tensors, str(tmp), metadata={"vpdsr": meta.to_json()})
-    tmp.chmod(mode)
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"vpdsr": meta.to_json()})
+        tmp.chmod(mode)
+        tmp.replace(path)
+    except BaseException:  # a full disk, Ctrl-C: no partial file is left to hold the space
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
