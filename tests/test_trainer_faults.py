@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -262,3 +263,46 @@ def test_export_refuses_a_checkpoint_before_the_last_step(images, tmp_path, caps
                      *_teacher(images, out, "optim.steps=3")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is at step 2, before optim.steps = 3: there is no trained model to export" in err
+
+
+# ----------------------------------------------------------------------------- resume with a changed config (#24)
+
+
+@pytest.fixture(scope="module")
+def two_steps(images, tmp_path_factory) -> Path:
+    """A tiny teacher run's output folder with the checkpoint of step 3 (of 6, as if interrupted)."""
+    out = tmp_path_factory.mktemp("changed") / "run"
+    train(load_config(TEACHER, _teacher(images, out, "optim.steps=3")), progress=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("backbone=tiny-v2", "backbone 'tiny' -> 'tiny-v2'"), ("scale=2", "scale 4 -> 2"),
+     ("data.crop_size=48", "data.crop_size 32 -> 48"), ("data.batch_size=3", "data.batch_size 2 -> 3")],
+)  # fmt: skip
+def test_a_resume_that_changes_what_is_trained_is_refused_by_name(images, two_steps, tmp_path, capsys, override,
+                                                                  named):  # fmt: skip
+    """A different backbone ended in load_state_dict's traceback; a changed scale, crop or batch resumed
+    silently, and the exported metadata then claimed a scale that was only partly trained."""
+    run = tmp_path / "run"
+    shutil.copytree(two_steps, run)
+    args = ["--config", str(TEACHER), "--resume", "latest", "--no-progress",
+            *_teacher(images, run, "optim.steps=6", override)]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"was written with another {named}: that changes what is trained" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]  # nothing trained
+
+
+def test_a_resume_with_harmless_changes_notes_each_and_goes_on(images, two_steps, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(two_steps, run)
+    args = ["--config", str(TEACHER), "--resume", "latest", "--no-progress",
+            *_teacher(images, run, "optim.steps=4", "data.num_workers=1", "optim.lr=0.0003")]  # fmt: skip
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "resuming with changed data.num_workers 0 -> 1, optim.steps 3 -> 4" in err
+    assert "warning: resuming with changed optim.lr 0.0002 -> 0.0003: these apply from step 3 on" in err
+    assert (run / "checkpoints" / "step-00000004").is_dir()

@@ -272,26 +272,34 @@ def _apply(saved: _Saved, state: CheckpointState, path: Path, device: torch.devi
     _set_rng_state(saved.rng, saved.info["rng"])
 
 
-def load_checkpoint(path: Path, state: CheckpointState, device: torch.device) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, state: CheckpointState, device: torch.device, check: Callable[[Path, dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Restore everything ``save_checkpoint`` wrote; returns the contents of ``state.json``.
 
     Every file is read before anything is applied: a damaged checkpoint raises CorruptCheckpoint
-    and leaves the run as it was.
+    and leaves the run as it was. ``check(path, info)`` may refuse the checkpoint by its
+    ``state.json`` (the config it was written with) before any weight is applied.
     """
     if path.name.endswith(PARTIAL) or not path.is_dir():
         raise ConfigError(f"{path} is not a complete checkpoint folder")
     saved = _read_checkpoint(path, device)
+    if check is not None:
+        check(path, saved.info)
     _apply(saved, state, path, device)
     return saved.info
 
 
-def load_latest(root: Path, state: CheckpointState, device: torch.device) -> tuple[Path, dict[str, Any]]:
+def load_latest(
+    root: Path, state: CheckpointState, device: torch.device, check: Callable[[Path, dict[str, Any]], None] | None = None
+) -> tuple[Path, dict[str, Any]]:
     """Restore the newest checkpoint under ``root`` that reads back whole; returns it and its state.
 
     Newer ones that do not (a full disk, a power cut before fsync reached the disk, damage since)
     are skipped with one warning that names each and why, rather than ending the run: resuming a
     few hundred steps earlier beats not resuming. Only an unreadable checkpoint is skipped; one
-    that does not fit the config still stops the resume (ConfigError).
+    that does not fit the config still stops the resume (ConfigError), as does one that ``check``
+    refuses (see ``load_checkpoint``).
     """
     skipped = []
     for folder in reversed(_checkpoints(root)):
@@ -303,6 +311,8 @@ def load_latest(root: Path, state: CheckpointState, device: torch.device) -> tup
         if skipped:
             warnings.warn(f"skipped unreadable checkpoint {'; '.join(skipped)}; resuming from {folder.name}",
                           stacklevel=2)  # fmt: skip
+        if check is not None:
+            check(folder, saved.info)
         _apply(saved, state, folder, device)
         return folder, saved.info
     unreadable = f" (unreadable: {'; '.join(skipped)})" if skipped else ""

@@ -8,6 +8,7 @@ uninterrupted run would have, and the checkpoint only needs the weights and opti
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -16,7 +17,9 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import closing
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +45,7 @@ from .data import build_val_loader
 from .degradations import degrade
 from .images import save_grid
 from .logbook import Logbook
-from .losses import load_sr_teacher
+from .losses import LOSSES, StudentLoss, load_sr_teacher
 from .stages import NonFiniteLoss, Stage, build_stage
 
 __all__ = ["TrainingAborted", "TrainingInterrupted", "TrainingStopped", "fill_sr_teacher_cache", "step_inputs", "train"]
@@ -201,14 +204,12 @@ def _resume(
     A checkpoint at the last step is accepted: the run then only exports. That finishes a run whose
     final checkpoint was written but whose export failed (a full disk), without training again.
     """
+    check = partial(check_resumed_config, cfg)
     if resume == "latest":
-        path, info = load_latest(Path(cfg.output_dir) / "checkpoints", state, device)
+        path, info = load_latest(Path(cfg.output_dir) / "checkpoints", state, device, check)
     else:
         path = Path(resume)
-        info = load_checkpoint(path, state, device)
-    saved_stage = info.get("config", {}).get("stage")
-    if saved_stage != cfg.stage:
-        raise ConfigError(f"{path} is a checkpoint of a {saved_stage!r} run, this config trains {cfg.stage!r}")
+        info = load_checkpoint(path, state, device, check)
     if info["step"] > cfg.optim.steps:
         raise ConfigError(f"{path} is at step {info['step']}, past optim.steps = {cfg.optim.steps}")
     if export_only and info["step"] < cfg.optim.steps:
@@ -217,6 +218,60 @@ def _resume(
             "export yet; finish the training with --resume"
         )
     return int(info["step"]), int(info.get("bad_steps", 0))
+
+
+# Settings whose change on resume alters what is trained: the model built, the images it learns from
+# (crop, batch), the stage. The weights saved would not fit, or would fit and be trained as another
+# model than the exported metadata says (a scale changed half-way).
+_FIXED = ("stage", "backbone", "scale", "data.crop_size", "data.batch_size")
+# Settings that change how the run is carried out, never what it learns: noted, then used.
+_HARMLESS = ("name", "output_dir", "optim.steps", "optim.log_every", "optim.threads", "optim.max_bad_steps",
+             "data.num_workers", "checkpoint.", "validation.", "data.val_")  # fmt: skip
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"section.key": value}``, lists as JSON stores them (tuples as lists)."""
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.loads(json.dumps(value))}
+
+
+def _owns_model(key: str) -> bool:
+    """Whether loss ``key`` trains a model of its own (a discriminator), saved in the checkpoint."""
+    loss = LOSSES.get(key)
+    return loss is not None and loss.own_model is not StudentLoss.own_model
+
+
+def check_resumed_config(cfg: TrainConfig, path: Path, info: dict[str, Any]) -> None:
+    """Compare the config of a resumed run with the one its checkpoint was written with.
+
+    A change that alters what is trained (``_FIXED``, and any option of a loss that trains a model
+    of its own) is refused, naming each key, before a weight is loaded: a different backbone would
+    otherwise end in a state-dict error. The harmless ones (``_HARMLESS``: steps, logging, workers,
+    checkpoint and validation cadence) are noted; any other change (a learning rate, a loss
+    weight) applies from here on and is warned about, one line for all.
+    """
+    saved, now = _flat(info.get("config", {})), _flat(cfg.to_dict())
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if not changed:
+        return
+
+    def what(key: str) -> str:
+        return f"{key} {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+
+    fixed = [k for k in changed if k in _FIXED or (k.startswith("losses.") and _owns_model(k.split(".")[1]))]
+    if fixed:
+        raise ConfigError(
+            f"{path} was written with another {', '.join(what(k) for k in fixed)}: that changes what is trained, so "
+            "it cannot resume from this checkpoint; put the config back, or train into a new output_dir"
+        )
+    harmless = [k for k in changed if k.startswith(_HARMLESS)]
+    if harmless:
+        tqdm.write(f"resuming with changed {', '.join(what(k) for k in harmless)}", file=sys.stderr)
+    others = [k for k in changed if k not in harmless]
+    if others:
+        warnings.warn(f"resuming with changed {', '.join(what(k) for k in others)}: these apply from "
+                      f"step {info.get('step')} on", stacklevel=2)  # fmt: skip
 
 
 def _postfix(logs: dict[str, float]) -> str:
