@@ -202,6 +202,11 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+def _reported(stderr: str) -> bool:
+    """Whether the run has reported its error: our one line, or (before #24) a traceback's last."""
+    return "error:" in stderr or "Error:" in stderr
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="loader workers start by fork on POSIX only")
 def test_a_failed_checkpoint_write_with_loader_workers_ends_the_run_in_one_line(images, tmp_path):
     """Workers ignore SIGTERM (so a scheduler's SIGTERM lets the step finish), and multiprocessing's
@@ -209,14 +214,22 @@ def test_a_failed_checkpoint_write_with_loader_workers_ends_the_run_in_one_line(
     out = tmp_path / "run"
     command = [sys.executable, "-c", _FULL_DISK_ON_SECOND_CHECKPOINT, "--config", str(TEACHER), "--no-progress",
                *_teacher(images, out, "optim.steps=6", "checkpoint.every=1", "data.num_workers=2", "optim.threads=1")]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     try:
-        _, err = proc.communicate(timeout=120)
+        deadline = time.monotonic() + 600  # set-up on a busy machine; the hang lasted forever
+        while proc.poll() is None and not _reported(log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.wait(timeout=30)  # once the error is reported, the run, workers included, is over within seconds
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the workers too
-        proc.communicate()
-        pytest.fail("the run hung after the failed checkpoint write")
+        pytest.fail(f"the run hung after reporting the failed checkpoint write: {log.read_text()[-500:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too
+            proc.wait()
+    err = log.read_text()
     assert proc.returncode == 1, err
     assert "Traceback" not in err
     partial = out / "checkpoints" / "step-00000002.partial"
