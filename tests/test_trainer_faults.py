@@ -273,7 +273,7 @@ def test_export_refuses_a_checkpoint_before_the_last_step(images, tmp_path, caps
     train(load_config(TEACHER, _teacher(images, out, "optim.steps=3", "checkpoint.every=1")), progress=False)
     checkpoint = out / "checkpoints" / "step-00000002"
     assert cli.main(["export", "--resume", str(checkpoint), "--config", str(TEACHER), "--no-progress",
-                     *_teacher(images, out, "optim.steps=3")]) == 2  # fmt: skip
+                     *_teacher(images, out, "optim.steps=3", "checkpoint.every=1")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is at step 2, before optim.steps = 3: there is no trained model to export" in err
 
