@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from .backbones import SmoothUpsample
 from .errors import Cancelled
 from .refiner import PixelRefiner
+from .shuffle_decoder import ResidualConvBlock, ShuffleDecoder
 
 __all__ = ["UnsupportedModule", "count_steps", "decode", "encode_mean", "refine", "unet_forward"]
 
@@ -137,7 +138,21 @@ class _Bilinear:
         return a, min(n, (vb + 2) // 2), o0 - 2 * a
 
 
-_Axis = _Conv | _Nearest | _Bilinear
+@dataclass(frozen=True)
+class _Shuffle:
+    """Pixel shuffle by ``factor``: output row ``o`` comes from input row ``o // factor`` alone."""
+
+    factor: int
+
+    def length(self, n: int) -> int:
+        return n * self.factor
+
+    def need(self, o0: int, o1: int, n: int) -> tuple[int, int, int]:
+        a = o0 // self.factor
+        return a, -(-o1 // self.factor), o0 - a * self.factor
+
+
+_Axis = _Conv | _Nearest | _Bilinear | _Shuffle
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -707,11 +722,13 @@ def _encode(r: _Runner, vae: nn.Module, x: _Act) -> _Act:
 
 def _decode(r: _Runner, vae: nn.Module, z: _Act) -> _Act:
     """AutoencoderKL.decode: post_quant_conv (fused into conv_in's pass), then the decoder."""
-    if not isinstance(vae, AutoencoderKL) or type(vae.decoder) is not Decoder:
-        raise _unsupported(vae, "expected an AutoencoderKL with diffusers' Decoder")
+    if not isinstance(vae, AutoencoderKL) or type(vae.decoder) not in (Decoder, ShuffleDecoder):
+        raise _unsupported(vae, "expected an AutoencoderKL with diffusers' Decoder or vpdsr's ShuffleDecoder")
     dec, quant = vae.decoder, vae.post_quant_conv
     if quant is not None and _conv_axes(quant) != (_POINT, _POINT):
         raise _unsupported(quant, "a spatial post_quant_conv")
+    if type(dec) is ShuffleDecoder:
+        return _shuffle_decode(r, dec, quant, z)
     if type(dec.conv_norm_out) is not nn.GroupNorm:
         raise _unsupported(dec.conv_norm_out, "the decoder's spatial norm")
     h = _conv(r, z, dec.conv_in, pre=quant)
@@ -719,6 +736,20 @@ def _decode(r: _Runner, vae: nn.Module, z: _Act) -> _Act:
     for block in dec.up_blocks:
         h = _up_block(r, block, h, [], None, None, None)
     return _norm_act_conv(r, h, dec.conv_norm_out, dec.conv_act, dec.conv_out)
+
+
+def _shuffle_decode(r: _Runner, dec: ShuffleDecoder, quant: nn.Module | None, z: _Act) -> _Act:
+    """ShuffleDecoder: one pass per convolution (SiLUs fused into the next), then the pixel shuffle.
+    It has no norms, so no pass gathers moments."""
+    h = _conv(r, z, dec.conv_in, pre=quant, moments=False)
+    for block in dec.blocks:
+        if type(block) is not ResidualConvBlock:
+            raise _unsupported(block, "expected vpdsr's ResidualConvBlock")
+        t = _conv(r, h, block.conv1, pre=block.act, moments=False)
+        h = _conv(r, t, block.conv2, pre=block.act, post=lambda v, box, skip=h: box.fetch(skip) + v, moments=False)
+    h = _conv(r, h, dec.conv_out, pre=dec.act, moments=False)
+    f = dec.factor
+    return r.spatial(h, (_Shuffle(f), _Shuffle(f)), lambda v, box: box.crop(F.pixel_shuffle(v, f)), moments=False)  # type: ignore[return-value]
 
 
 def _time_embedding(

@@ -74,7 +74,9 @@ def init_from_student(
     """The VAE, UNet, conditioning and the family's extra conditioning of a student file, in parts built for ``config``.
 
     The file's backbone may lack only the config's refiner (``vpdsr.refiner``), which then keeps
-    its zero start, so training begins from the file's exact output.
+    its zero start, so training begins from the file's exact output. Or it may have another decoder
+    than the config's ``vae_decoder`` (``vpdsr.shuffle_decoder``): the encoder and the UNet are
+    then the file's and the new decoder starts from its own initialisation.
     """
     if not path:
         raise ConfigError("student.init_from is 'student' but no student.init_student file is given")
@@ -82,16 +84,18 @@ def init_from_student(
         source = load_student(path)
     except ModelFileError as err:
         raise ConfigError(f"student.init_student: {err}") from None
-    if _architecture(source.config, ignore=("name", "description", "refiner")) != _architecture(
-        config, ignore=("name", "description", "refiner")
-    ):
+    new_decoder = source.config.extra.get("vae_decoder") != config.extra.get("vae_decoder")
+    ignore = ("name", "description", "refiner") + (("vae_decoder", "vae_upsample") if new_decoder else ())
+    if _architecture(source.config, ignore=ignore) != _architecture(config, ignore=ignore):
         raise ConfigError(
             f"student.init_student {path} has the {source.config.name} backbone, which differs from "
-            f"{config.name} in more than a refiner"
+            f"{config.name} in more than a refiner or the decoder"
         )
     parts = build_backbone(config)
-    missing, unexpected = parts.vae.load_state_dict(source.vae.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("refiner.") for k in missing):
+    fresh = ("refiner.", "decoder.") if new_decoder else ("refiner.",)
+    weights = {k: v for k, v in source.vae.state_dict().items() if not (new_decoder and k.startswith("decoder."))}
+    missing, unexpected = parts.vae.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith(fresh) for k in missing):
         raise ConfigError(f"student.init_student {path}: its VAE weights do not fit {config.name}")
     parts.unet.load_state_dict(source.unet.state_dict())
     extras = {name: t.detach().clone() for name, t in source.extra_embeds.items()}

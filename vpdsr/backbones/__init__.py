@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ModelFileError
 from ..refiner import build_refiner
+from ..shuffle_decoder import build_decoder
 from .family import BackboneFamily
 from .sd2 import SD2Family
 from .sdxl import SDXLFamily
@@ -189,11 +190,19 @@ def build_backbone(
         vae = AutoencoderKL(**config.vae)
         unet = UNet2DConditionModel(**config.unet)
         refiner = build_refiner(config.extra.get("refiner"))
+        try:
+            decoder = build_decoder(config.extra.get("vae_decoder"), config.vae, config.vae_factor)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelFileError(f"backbone {config.name}: vae_decoder: {err}") from None
+    if decoder is not None:
+        vae.decoder = decoder  # in diffusers' Decoder's place, so AutoencoderKL.decode calls it
     if refiner is not None:
         # held by the VAE, whose decoder it completes, so model files, EMA and the trainer's
         # decoder switches treat it as decoder weights (``vae.refiner.*``) with no new part
         vae.refiner = refiner
     upsample = config.extra.get("vae_upsample", "nearest")
+    if upsample == "bilinear" and decoder is not None:
+        raise ModelFileError(f"backbone {config.name}: vae_upsample applies to diffusers' decoder, not a vae_decoder")
     if upsample == "bilinear":
         _use_smooth_upsampling(vae)
     elif upsample != "nearest":
