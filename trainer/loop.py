@@ -46,6 +46,7 @@ from .degradations import degrade
 from .images import save_grid
 from .logbook import Logbook
 from .losses import LOSSES, StudentLoss, load_sr_teacher
+from .losses.sr_teacher import teacher_dtype
 from .stages import NonFiniteLoss, Stage, build_stage
 
 __all__ = ["TrainingAborted", "TrainingInterrupted", "TrainingStopped", "fill_sr_teacher_cache", "step_inputs", "train"]
@@ -172,7 +173,7 @@ def fill_sr_teacher_cache(cfg: TrainConfig, *, progress: bool = True) -> int:
         raise ConfigError("cache-sr-teacher needs data.fixed_batches > 0: without it every step has new crops")
     if cfg.optim.threads:
         torch.set_num_threads(cfg.optim.threads)
-    teacher = load_sr_teacher(sc.sr_teacher, cfg.scale, sc.sr_teacher_cache)
+    teacher = load_sr_teacher(sc.sr_teacher, cfg.scale, sc.sr_teacher_cache, dtype=teacher_dtype(sc.sr_teacher_dtype))
     with closing(step_inputs(cfg, 0)) as inputs:
         for _ in tqdm(range(min(cfg.data.fixed_batches, cfg.optim.steps)), disable=not progress, unit="batch"):
             _, _, lr = next(inputs)

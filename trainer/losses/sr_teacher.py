@@ -29,7 +29,7 @@ from ..images import to_signed
 from .reconstruction import ReconstructionLoss
 from .registry import LossConfig, LossContext, StudentLoss, StudentStep, Terms
 
-__all__ = ["SRTeacher", "SRTeacherLossConfig", "SRTeacherTerm", "load_sr_teacher"]
+__all__ = ["SRTeacher", "SRTeacherLossConfig", "SRTeacherTerm", "load_sr_teacher", "teacher_dtype"]
 
 
 @dataclass
@@ -53,10 +53,16 @@ def _file_digest(path: Path) -> str:
 
 
 def load_sr_teacher(
-    path: str | Path, scale: int, cache_dir: str | Path | None = None, *, remember: bool = False
+    path: str | Path,
+    scale: int,
+    cache_dir: str | Path | None = None,
+    *,
+    remember: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> SRTeacher:
     """Open ``path`` with spandrel and check it upscales by ``scale``; clear errors, no traceback.
-    ``remember`` keeps outputs in memory too: only worth it when crops repeat (data.fixed_batches)."""
+    ``remember`` keeps outputs in memory too: only worth it when crops repeat (data.fixed_batches).
+    ``dtype`` is the precision it computes in (``student.sr_teacher_dtype``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -79,8 +85,9 @@ def load_sr_teacher(
         raise ConfigError(f"student.sr_teacher: {path.name} is not a super-resolution model")
     if descriptor.scale != scale:
         raise ConfigError(f"student.sr_teacher: {path.name} upscales x{descriptor.scale}, this run trains x{scale}")
-    cache = Path(cache_dir) / f"{path.stem}-{_file_digest(path)}" if cache_dir else None
-    return SRTeacher(descriptor.model, scale, cache, remember=remember)
+    precision = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")  # targets differ by precision
+    cache = Path(cache_dir) / f"{path.stem}-{_file_digest(path)}{precision}" if cache_dir else None
+    return SRTeacher(descriptor.model.to(dtype), scale, cache, remember=remember)
 
 
 class SRTeacher(nn.Module):
@@ -129,13 +136,18 @@ class SRTeacher(nn.Module):
         found = [self._lookup(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            device = next(self.model.parameters()).device
-            out = self.model(lr[missing].float().to(device)).clamp(0, 1)
+            weight = next(self.model.parameters())
+            out = self.model(lr[missing].to(weight.device, weight.dtype)).float().clamp(0, 1)
             for i, sr in zip(missing, out, strict=True):
                 found[i] = (sr * 255).round().to(torch.uint8).cpu()
                 self._store(keys[i], found[i])
             self.computed += len(missing)
         return torch.stack(found).to(lr.device, torch.float32) / 255
+
+
+def teacher_dtype(name: str) -> torch.dtype:
+    """``student.sr_teacher_dtype`` as a torch dtype."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 class SRTeacherTerm(StudentLoss, key="sr_teacher", config=SRTeacherLossConfig):
@@ -171,7 +183,8 @@ class SRTeacherTerm(StudentLoss, key="sr_teacher", config=SRTeacherLossConfig):
                 ctx.supply_target(loss, self.output)
         sc = ctx.cfg.student
         self.teacher = load_sr_teacher(
-            sc.sr_teacher, ctx.cfg.scale, sc.sr_teacher_cache, remember=ctx.cfg.data.fixed_batches > 0
+            sc.sr_teacher, ctx.cfg.scale, sc.sr_teacher_cache, remember=ctx.cfg.data.fixed_batches > 0,
+            dtype=teacher_dtype(sc.sr_teacher_dtype),
         ).to(ctx.device)
         self.distill = ReconstructionLoss(config.kind)
 
