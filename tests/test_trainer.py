@@ -116,6 +116,7 @@ def test_committed_configs_load():
         "tiny-v2-student": "student",
         "tiny-v2-degrid": "student",
         "tiny-v3-student": "student",
+        "tiny-v4-student": "student",
         "sd21-student": "student",
         "dape": "dape",
     }
