@@ -109,8 +109,13 @@ class ClipConfig:
     """A real CLIP checkpoint for the semantic losses and the DAPE stage (never downloaded)."""
 
     path: str | None = None
+    """A whole CLIP, or its image tower when ``text_path`` is set (e.g. a ComfyUI clip_vision file)."""
+    text_path: str | None = None
+    """The matching text tower: clip_l.safetensors for a ViT-L/14 image tower, an SD 2.x checkpoint for
+    OpenCLIP ViT-H/14's (see vpdsr.semantics.load_clip)."""
     config: str | None = None
-    """OpenCLIP architecture of a plain checkpoint (e.g. ViT-B-32); not needed for our own files."""
+    """OpenCLIP architecture of a plain checkpoint (e.g. ViT-B-32); not needed for our own files, Hugging
+    Face layouts, SD checkpoints or pairs, whose shapes give it."""
     tags: str | None = None
     """Tag vocabulary file (one tag per line); None = vpdsr's default vocabulary."""
 

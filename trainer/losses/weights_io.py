@@ -17,21 +17,29 @@ if TYPE_CHECKING:
 __all__ = ["clip_judge", "load_semantic_model", "read_state_dict"]
 
 
-def load_semantic_model(path: str | None, config: str | None, tags: str | None, purpose: str) -> SemanticModel:
-    """The frozen CLIP judge from a local checkpoint; a clear error when none is configured."""
+def load_semantic_model(
+    path: str | None, config: str | None, tags: str | None, purpose: str, text_path: str | None = None
+) -> SemanticModel:
+    """The frozen CLIP judge from local files: a whole CLIP, or an image tower (``path``) and its
+    text tower (``text_path``); a clear error when none is configured."""
     if not path:
         raise ModelFileError(
-            f"{purpose} needs a real CLIP checkpoint: set clip.path to a local OpenCLIP file "
-            "(and clip.config to its architecture for plain checkpoints, e.g. ViT-B-32), or switch it off"
+            f"{purpose} needs a real CLIP checkpoint: set clip.path to a local CLIP file, or to an image tower "
+            "with its text tower in clip.text_path (clip.config names the architecture of plain OpenCLIP "
+            "checkpoints, e.g. ViT-B-32), or switch it off"
         )
-    return SemanticModel.from_file(path, config=config, tags=load_tags(tags) if tags else None)
+    tags_list = load_tags(tags) if tags else None
+    return SemanticModel.from_file(path, config=config, tags=tags_list, text_path=text_path)
 
 
 def clip_judge(ctx: LossContext, purpose: str) -> SemanticModel:
-    """The run's frozen CLIP (``clip.path``), loaded once for every loss that judges with it;
-    ``purpose`` names the first of them in the error when there is none."""
+    """The run's frozen CLIP (``clip.path``, ``clip.text_path``), loaded once for every loss that judges
+    with it; ``purpose`` names the first of them in the error when there is none."""
     clip = ctx.cfg.clip
-    return ctx.shared("clip", lambda: load_semantic_model(clip.path, clip.config, clip.tags, purpose).to(ctx.device))
+    return ctx.shared(
+        "clip",
+        lambda: load_semantic_model(clip.path, clip.config, clip.tags, purpose, clip.text_path).to(ctx.device),
+    )
 
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:

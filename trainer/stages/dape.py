@@ -38,8 +38,11 @@ class DapeStage(Stage):
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
         super().__init__(cfg, accelerator)
         if not cfg.clip.path:
-            raise ConfigError("the dape stage fine-tunes a real CLIP: set clip.path to a local OpenCLIP checkpoint")
-        clip, spec = load_clip(cfg.clip.path, cfg.clip.config)
+            raise ConfigError(
+                "the dape stage fine-tunes a real CLIP: set clip.path to a local CLIP checkpoint, or to an image "
+                "tower with its text tower in clip.text_path"
+            )
+        clip, spec = load_clip(cfg.clip.path, cfg.clip.config, text_path=cfg.clip.text_path)
         tags = load_tags(cfg.clip.tags) if cfg.clip.tags else None
         self.judge = SemanticModel(copy.deepcopy(clip), spec, tags=tags).to(self.device)
         self.spec = spec

@@ -31,10 +31,13 @@ from torch import nn
 
 from vpdsr.errors import ModelFileError
 
+from . import layouts
+
 FORMAT = "vpdsr-clip"
 FORMAT_VERSION = "1"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+_HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face folder's weights
 TINY_CONFIG = "vpdsr-tiny-clip"
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
@@ -44,6 +47,10 @@ _OPENAI_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
 _OPENAI_STD = tuple(open_clip.OPENAI_DATASET_STD)
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 _SHOWN = 5  # how many offending keys an error message lists
+
+
+class MissingTextTower(ModelFileError):
+    """A lone image tower (a clip_vision file): the front-end names its setting for the text tower."""
 
 
 @dataclass(frozen=True)
@@ -119,37 +126,33 @@ def build_clip(config: str | os.PathLike | Mapping[str, Any] = TINY_CONFIG) -> t
 def load_clip(
     path: str | os.PathLike,
     config: str | os.PathLike | Mapping[str, Any] | None = None,
+    text_path: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, ClipSpec]:
-    """Load a CLIP checkpoint from disk onto the CPU in float32 (the caller moves it).
+    """Load a CLIP from disk onto the CPU in float32 (the caller moves it).
 
-    ``config`` names the architecture for plain OpenCLIP checkpoints ("ViT-B-32", "ViT-H-14",
-    a JSON file or a dict). It may be left out for files written by ``save_clip`` (their metadata
-    holds it) and for checkpoints with an ``open_clip_config.json`` beside them. ``.pt``/``.pth``/
-    ``.bin`` files are read with ``torch.load(weights_only=True)``: tensors only, never pickled code.
+    ``path`` is a whole CLIP, or its image tower when ``text_path`` names a file with the text
+    tower. Besides open_clip checkpoints this reads the layouts in ``layouts``: Hugging Face
+    ``CLIPModel`` files and folders, ``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection``
+    files (ComfyUI's text_encoders and clip_vision) and SD 2.x / SDXL single-file checkpoints' text
+    towers. Two towers whose embedding sizes differ are refused.
+
+    ``config`` names the architecture ("ViT-B-32", "ViT-H-14", a JSON file or a dict). Without
+    it: a plain open_clip file needs its metadata (``save_clip``) or an ``open_clip_config.json``
+    beside it; every other layout, and any pair, is read from the tensor shapes (a Hugging Face
+    ``config.json`` beside the weights gives the heads and activation). ``.pt``/``.pth``/``.bin``/
+    ``.ckpt`` files are read with ``torch.load(weights_only=True)``: tensors only, never pickled code.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"CLIP checkpoint not found: {path}")
-    if path.suffix.lower() not in SUFFIXES:
-        raise ModelFileError(
-            f"{path.name}: unsupported CLIP checkpoint type {path.suffix!r}; use one of {', '.join(SUFFIXES)}."
-        )
-    state_dict, metadata = _read_weights(path)
-    if config is not None:
-        spec = resolve_config(config)
-    elif metadata.get("format") == FORMAT:
-        spec = _spec_from_metadata(metadata, path)
-    elif (path.parent / "open_clip_config.json").is_file():
-        spec = resolve_config(path.parent / "open_clip_config.json")
+    first = _WeightFile(path)
+    second = _WeightFile(text_path) if text_path is not None else None
+    sources = layouts.find_sources(first.keys)
+    if second is None and not _foreign(first.keys, sources):
+        state_dict, label = first.load(), str(first.path)
+        spec = _spec_for_open_clip_file(first, config)
     else:
-        raise ModelFileError(
-            f"{path} is a plain CLIP checkpoint with no config inside; pass the OpenCLIP config it was "
-            "trained with, e.g. load_clip(path, config='ViT-B-32') (OpenAI weights need the "
-            "'-quickgelu' variant, e.g. 'ViT-B-32-quickgelu')."
-        )
+        state_dict, label, spec = _join_towers(first, second, sources, config)
     model = _instantiate(spec)
     state_dict = _adapt_to_model(state_dict, model)
-    _check_state_dict(model, state_dict, path, spec)
+    _check_state_dict(model, state_dict, label, spec)
     model.load_state_dict(state_dict, strict=True)
     return model, spec
 
@@ -195,6 +198,131 @@ def build_tokenizer(spec: ClipSpec) -> SimpleTokenizer:
     return SimpleTokenizer(context_length=spec.context_length, **kwargs)
 
 
+def _foreign(keys: Mapping[str, str], sources: Mapping[str, layouts.Source]) -> bool:
+    """Whether a lone file needs the tower reading: not a whole CLIP in open_clip's own keys."""
+    whole_open_clip = "token_embedding.weight" in keys or not sources
+    return not whole_open_clip or any(s.layout != "open_clip" or s.prefix for s in sources.values())
+
+
+def _spec_for_open_clip_file(weights: "_WeightFile", config: str | os.PathLike | Mapping[str, Any] | None) -> ClipSpec:
+    if config is not None:
+        return resolve_config(config)
+    if weights.metadata.get("format") == FORMAT:
+        return _spec_from_metadata(weights.metadata, weights.path)
+    if (weights.path.parent / "open_clip_config.json").is_file():
+        return resolve_config(weights.path.parent / "open_clip_config.json")
+    raise ModelFileError(
+        f"{weights.path} is a plain CLIP checkpoint with no config inside; pass the OpenCLIP config it was "
+        "trained with, e.g. load_clip(path, config='ViT-B-32') (OpenAI weights need the "
+        "'-quickgelu' variant, e.g. 'ViT-B-32-quickgelu')."
+    )
+
+
+def _join_towers(
+    first: "_WeightFile",
+    second: "_WeightFile | None",
+    sources: Mapping[str, layouts.Source],
+    config: str | os.PathLike | Mapping[str, Any] | None,
+) -> tuple[dict[str, torch.Tensor], str, ClipSpec]:
+    """The image tower of ``first`` and the text tower of ``second`` (or of ``first``), in open_clip keys."""
+    text_file = second or first
+    text_sources = layouts.find_sources(text_file.keys) if second is not None else sources
+    if layouts.IMAGE not in sources:
+        raise ModelFileError(f"{first.path} holds no CLIP image tower (found: {_describe(sources)}).")
+    if layouts.TEXT not in text_sources:
+        if second is None:
+            raise MissingTextTower(
+                f"{first.path} holds no CLIP text tower (found: {_describe(sources)}); load it together with a "
+                "file holding the matching text tower"
+            )
+        raise ModelFileError(f"{text_file.path} holds no CLIP text tower (found: {_describe(text_sources)}).")
+    labels = (str(first.path), str(text_file.path))
+    image_source, text_source = sources[layouts.IMAGE], text_sources[layouts.TEXT]
+    image_tensors = first.load(image_source.prefix)
+    same = text_file is first and text_source.prefix == image_source.prefix  # a whole CLIP: read it once
+    text_tensors = image_tensors if same else text_file.load(text_source.prefix)
+    image = layouts.to_open_clip(image_source, image_tensors, labels[0])
+    text = layouts.to_open_clip(text_source, text_tensors, labels[1])
+    state_dict = layouts.join(image, text, labels)
+    label = labels[0] if second is None else f"{labels[0]} + {labels[1]}"
+    if config is not None:
+        return state_dict, label, resolve_config(config)
+    hints = {}
+    for kind, weights in ((layouts.IMAGE, first), (layouts.TEXT, text_file)):
+        if kind in (found := weights.hf_hints()):
+            hints[kind] = found[kind]
+    return state_dict, label, ClipSpec(config=layouts.infer_config(state_dict, hints, labels))
+
+
+def _describe(sources: Mapping[str, layouts.Source]) -> str:
+    return ", ".join(f"a {kind} tower" for kind in sources) or "no CLIP tower"
+
+
+class _WeightFile:
+    """A weights file whose key names are read first and whose tensors are read only when asked.
+
+    A single-file SD checkpoint is gigabytes of UNet around a text tower; with ``.safetensors``
+    only the tower's tensors are read. A Hugging Face folder stands for the weights inside it.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if path.is_dir():
+            inside = [path / name for name in _HF_WEIGHT_NAMES if (path / name).is_file()]
+            if not inside:
+                raise ModelFileError(f"{path} is a folder without {' or '.join(_HF_WEIGHT_NAMES)}; it holds no CLIP.")
+            path = inside[0]
+        if not path.is_file():
+            raise ModelFileError(f"CLIP checkpoint not found: {path}")
+        if path.suffix.lower() not in SUFFIXES:
+            raise ModelFileError(
+                f"{path.name}: unsupported CLIP checkpoint type {path.suffix!r}; use one of {', '.join(SUFFIXES)}."
+            )
+        self.path = path
+        self._tensors: dict[str, torch.Tensor] | None = None
+        if path.suffix.lower() == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    self.metadata = f.metadata() or {}
+                    names = list(f.keys())  # a safe_open handle is not iterable itself
+            except Exception as err:  # safetensors raises its own error types for every kind of damage
+                raise ModelFileError(
+                    f"{path} is not a readable .safetensors file (corrupt or truncated?): {err}"
+                ) from None
+            # stripped name -> stored name, with the same unwrapping as torch files get
+            self.keys: dict[str, str] = _strip_prefixes(dict(zip(names, names, strict=True)))
+        else:
+            self.metadata = {}
+            self._tensors = _read_torch_weights(path)
+            self.keys = {key: key for key in self._tensors}
+
+    def load(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors whose (unwrapped) keys start with ``prefix``, the prefix removed."""
+        wanted = {key: stored for key, stored in self.keys.items() if key.startswith(prefix)}
+        if self._tensors is not None:
+            tensors = {key: self._tensors[stored] for key, stored in wanted.items()}
+        else:
+            try:
+                with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                    tensors = {key: f.get_tensor(stored) for key, stored in wanted.items()}
+            except Exception as err:  # a file truncated after its header fails only here
+                raise ModelFileError(f"{self.path} could not be read (corrupt or truncated?): {err}") from None
+        if not prefix:
+            return _extract_state_dict(tensors, self.path)
+        return {key[len(prefix) :]: value for key, value in tensors.items()}
+
+    def hf_hints(self) -> dict[str, dict[str, Any]]:
+        """Heads and activations from a Hugging Face ``config.json`` beside the weights, if it is one."""
+        config_path = self.path.parent / "config.json"
+        if not config_path.is_file():
+            return {}
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}  # someone else's config.json; the shapes still tell the rest
+        return layouts.hf_config_hints(config) if isinstance(config, dict) else {}
+
+
 def _read_json_config(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -237,25 +365,15 @@ def _instantiate(spec: ClipSpec, device: str = "cpu") -> nn.Module:
         raise ModelFileError(f"Could not build a CLIP from {label}: {err}") from None
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if path.suffix.lower() == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                names = f.keys()  # a safe_open handle is not iterable itself
-                raw = {key: f.get_tensor(key) for key in names}
-        except Exception as err:  # safetensors raises its own error types for every kind of damage
-            raise ModelFileError(f"{path} is not a readable .safetensors file (corrupt or truncated?): {err}") from None
-    else:
-        metadata = {}
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling failures come as many exception types
-            raise ModelFileError(
-                f"{path} could not be read as a PyTorch weights file with weights_only=True "
-                f"(corrupt, truncated, TorchScript, or containing pickled code): {err}"
-            ) from None
-    return _extract_state_dict(raw, path), metadata
+def _read_torch_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling failures come as many exception types
+        raise ModelFileError(
+            f"{path} could not be read as a PyTorch weights file with weights_only=True "
+            f"(corrupt, truncated, TorchScript, or containing pickled code): {err}"
+        ) from None
+    return _extract_state_dict(raw, path)
 
 
 def _extract_state_dict(raw: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -293,7 +411,9 @@ def _adapt_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> di
     return state_dict
 
 
-def _check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, spec: ClipSpec) -> None:
+def _check_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path | str, spec: ClipSpec
+) -> None:
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -72,9 +72,10 @@ class SemanticModel(nn.Module):
         path: str | os.PathLike,
         config: str | os.PathLike | Mapping[str, Any] | None = None,
         tags: Sequence[str] | None = None,
+        text_path: str | os.PathLike | None = None,
     ) -> "SemanticModel":
-        """Load a CLIP checkpoint from disk (see ``load_clip`` for ``config``); CPU, float32."""
-        clip, spec = load_clip(path, config)
+        """Load a CLIP from disk, or from an image tower and a ``text_path`` (see ``load_clip``); CPU, float32."""
+        clip, spec = load_clip(path, config, text_path=text_path)
         return cls(clip, spec, tags=tags)
 
     @classmethod
