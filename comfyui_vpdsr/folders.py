@@ -22,7 +22,11 @@ EMBEDDED_DEFAULT = "embedded default"
 NO_BASE = "none"
 _BASE_CHECKPOINTS = "checkpoints"
 _BASE_DIFFUSERS = "diffusers"
-_CLIP_FOLDERS = ("clip", "clip_vision")  # ComfyUI maps "clip" to its text_encoders folder
+# ComfyUI maps "clip" to models/text_encoders (and the older models/clip); the prefix stays "clip/"
+# so that saved workflows keep naming the same files. Checkpoints are there for SD 2.x / SDXL
+# single files, whose text tower is a CLIP's.
+_CLIP_FOLDERS = ("clip", "clip_vision", "checkpoints")
+NO_TEXT_ENCODER = "none"
 
 
 def register_student_folder() -> None:
@@ -103,6 +107,14 @@ def clip_options() -> list[str]:
         for n in folder_paths.get_filename_list(folder)
         if n.lower().endswith(CLIP_SUFFIXES)
     ]
+
+
+def text_encoder_options() -> list[str]:
+    return [NO_TEXT_ENCODER, *clip_options()]
+
+
+def text_encoder_path(name: str) -> Path | None:
+    return None if name == NO_TEXT_ENCODER else clip_path(name)
 
 
 def clip_path(name: str) -> Path:

@@ -76,8 +76,17 @@ def load_student_pipeline(
         raise err.worded(HINTS) from None
 
 
-def load_semantic_model(path: Path, config: str | None) -> SemanticModel:
-    return CLIPS.get((file_stamp(path), config), lambda: SemanticModel.from_file(path, config))
+def load_semantic_model(path: Path, config: str | None, text_path: Path | None = None) -> SemanticModel:
+    """A CLIP from one file, or from an image tower (``path``) and a text tower (``text_path``)."""
+    from vpdsr.semantics import SemanticModel
+    from vpdsr.semantics.loading import MissingTextTower
+
+    hints = {MissingTextTower: "choose its text tower in 'text_encoder' of Load CLIP"}
+    key = (file_stamp(path), file_stamp(text_path), config)
+    try:
+        return CLIPS.get(key, lambda: SemanticModel.from_file(path, config, text_path=text_path))
+    except VPDError as err:
+        raise err.worded(hints) from None
 
 
 def stamp_or_missing(resolve: Callable[[], Path | None]) -> Any:

@@ -76,30 +76,50 @@ class LoadVPDClip(io.ComfyNode):
             node_id="VPDSR_LoadCLIP",
             display_name="Load CLIP (VPD-SR Inspector)",
             category=CATEGORY,
-            description="Loads an OpenCLIP checkpoint (image and text towers) for the CLIP Semantic Inspector.",
+            description="Loads a CLIP (image and text towers) for the CLIP Semantic Inspector: one file with both, "
+            "or an image tower plus a text tower. Nothing is downloaded.",
             inputs=[
                 io.Combo.Input(
                     "clip_name",
                     options=folders.clip_options(),
-                    tooltip="OpenCLIP checkpoint with both towers, from models/clip or models/clip_vision "
-                    "(.safetensors, or .pt/.pth/.bin read as weights only).",
+                    tooltip="A whole CLIP (OpenCLIP or Hugging Face CLIPModel), or the image tower when text_encoder "
+                    "names the text tower, e.g. a clip_vision file (ViT-L/14, ViT-H/14). clip/ is "
+                    "models/text_encoders; .pt/.pth/.bin/.ckpt are read as weights only.",
                 ),
                 io.Combo.Input(
                     "config",
                     options=[AUTO_CONFIG, *list_configs()],
                     default=AUTO_CONFIG,
-                    tooltip="OpenCLIP architecture the checkpoint was trained with (e.g. ViT-B-32). auto: read it "
-                    "from the file (vpdsr CLIP exports) or from an open_clip_config.json beside it.",
+                    tooltip="OpenCLIP architecture (e.g. ViT-B-32). auto: from the file (vpdsr CLIP exports), an "
+                    "open_clip_config.json or config.json beside it, or, for Hugging Face files, SD checkpoints "
+                    "and pairs, the tensor shapes. Plain OpenCLIP checkpoints need it named.",
+                ),
+                io.Combo.Input(
+                    "text_encoder",
+                    options=folders.text_encoder_options(),
+                    default=folders.NO_TEXT_ENCODER,
+                    optional=True,
+                    tooltip="The text tower that belongs to clip_name's image tower: clip_l (text_encoders) with a "
+                    "ViT-L/14 clip_vision file, or an SD 2.x checkpoint with OpenCLIP ViT-H/14's. none: clip_name "
+                    "holds both.",
                 ),
             ],
             outputs=[VPDClip.Output("clip", tooltip="The loaded CLIP, for the CLIP Semantic Inspector.")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, clip_name: str, config: str):
-        return stamp_or_missing(lambda: folders.clip_path(clip_name)), config
+    def fingerprint_inputs(cls, clip_name: str, config: str, text_encoder: str = folders.NO_TEXT_ENCODER):
+        return (
+            stamp_or_missing(lambda: folders.clip_path(clip_name)),
+            stamp_or_missing(lambda: folders.text_encoder_path(text_encoder)),
+            config,
+        )
 
     @classmethod
-    def execute(cls, clip_name: str, config: str) -> io.NodeOutput:
-        model = load_semantic_model(folders.clip_path(clip_name), None if config == AUTO_CONFIG else config)
+    def execute(cls, clip_name: str, config: str, text_encoder: str = folders.NO_TEXT_ENCODER) -> io.NodeOutput:
+        model = load_semantic_model(
+            folders.clip_path(clip_name),
+            None if config == AUTO_CONFIG else config,
+            folders.text_encoder_path(text_encoder),
+        )
         return io.NodeOutput(model)

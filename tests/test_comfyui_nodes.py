@@ -621,6 +621,41 @@ def test_clip_loader_errors_are_clear(comfy):
         node.execute(clip_name="clip/tiny-clip.safetensors", config="ViT-B-32")
 
 
+def test_clip_loader_joins_an_image_tower_with_a_text_tower(comfy):
+    """clip_vision + clip_l, and clip_vision + an SD 2.x checkpoint's text tower: the same CLIP."""
+    from tests.clip_layouts import toy_hf_clip, write_image_tower, write_sd2_checkpoint, write_text_tower
+    from vpdsr.semantics import load_clip
+
+    toy, models = toy_hf_clip(), comfy.models
+    (models / "text_encoders").mkdir(exist_ok=True)
+    text = write_text_tower(toy, models / "text_encoders" / "clip_l.safetensors")
+    image = write_image_tower(toy, models / "clip_vision" / "vit.safetensors")
+    sd2 = write_sd2_checkpoint(load_clip(image, text_path=text)[0], models / "checkpoints" / "sd2.safetensors")
+    node = comfy.nodes["VPDSR_LoadCLIP"]
+    try:
+        options = _input(comfy, "VPDSR_LoadCLIP", "clip_name").options["options"]
+        assert options == [
+            "clip/clip_l.safetensors",
+            "clip/tiny-clip.safetensors",
+            "clip_vision/vit.safetensors",
+            "checkpoints/sd2.safetensors",
+        ]
+        assert _input(comfy, "VPDSR_LoadCLIP", "text_encoder").options["options"] == ["none", *options]
+        judges = [
+            node.execute(clip_name="clip_vision/vit.safetensors", config="auto", text_encoder=name).args[0]
+            for name in ("clip/clip_l.safetensors", "checkpoints/sd2.safetensors")
+        ]
+        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            first, second = (judge.tag_logits(images) / judge.logit_scale for judge in judges)
+        assert torch.allclose(first, second, atol=1e-5, rtol=0)
+        with pytest.raises(ModelFileError, match=r"vit\.safetensors holds no CLIP text tower"):
+            node.execute(clip_name="clip_vision/vit.safetensors", config="auto")
+    finally:
+        for path in (text, image, sd2):
+            path.unlink()
+
+
 def test_inspector_compares_output_with_input(comfy):
     sr = _bhwc(batch=2, size=32, seed=1)
     lr = _bhwc(batch=1, size=16, seed=2)  # one reference for the whole batch

@@ -30,8 +30,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.clip_layouts import toy_hf_clip, write_image_tower, write_sd2_checkpoint, write_text_tower
 from vpdsr import OneStepStudent, build_backbone, default_model_path, save_student
-from vpdsr.semantics import build_clip, save_clip
+from vpdsr.semantics import build_clip, load_clip, save_clip
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -39,6 +40,9 @@ WORKFLOW = REPO / "example_workflows" / "vpdsr_upscale_and_inspect.json"
 PACK_NAME = "ComfyUI-VPD-SR"
 STUDENT = "tiny-test.safetensors"
 CLIP = "clip/tiny-clip.safetensors"
+# An image tower and the two text towers that fit it, in ComfyUI's layouts (clip_vision, clip_l, SD 2.x)
+IMAGE_TOWER = "clip_vision/tiny-vit.safetensors"
+TEXT_TOWERS = ("clip/tiny-clip_l.safetensors", "checkpoints/tiny-sd2.safetensors")
 INPUT_SIZE = 48
 STARTUP_S = 300
 RUN_S = 300
@@ -101,12 +105,17 @@ def _write_models(models: Path) -> None:
     (models / "vpdsr" / "broken.safetensors").write_bytes(b"this is not a model")
     clip, spec = build_clip("vpdsr-tiny-clip")
     save_clip(models / CLIP, clip, spec)
+    toy = toy_hf_clip()
+    image = write_image_tower(toy, models / IMAGE_TOWER)
+    text = write_text_tower(toy, models / TEXT_TOWERS[0])
+    write_sd2_checkpoint(load_clip(image, text_path=text)[0], models / TEXT_TOWERS[1])
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
     root = tmp_path_factory.mktemp("comfyui")
-    for folder in ("models/vpdsr", "models/clip", "custom_nodes", "input", "output", "temp", "user"):
+    folders = ("vpdsr", "clip", "clip_vision", "checkpoints")
+    for folder in (*(f"models/{f}" for f in folders), "custom_nodes", "input", "output", "temp", "user"):
         (root / folder).mkdir(parents=True)
     _write_models(root / "models")
     (root / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
@@ -123,8 +132,9 @@ def server(tmp_path_factory) -> Server:
     ).save(root / "input" / "example.png")
     paths = root / "extra_model_paths.yaml"
     paths.write_text(
-        f"vpdsr_test:\n  base_path: {root / 'models'}\n  vpdsr: vpdsr\n  clip: clip\n"
-        f"  custom_nodes: {root / 'custom_nodes'}\n"
+        f"vpdsr_test:\n  base_path: {root / 'models'}\n"
+        + "".join(f"  {folder}: {folder}\n" for folder in folders)
+        + f"  custom_nodes: {root / 'custom_nodes'}\n"
     )
     port = _free_port()
     log = root / "server.log"
@@ -245,6 +255,20 @@ def test_example_workflow_runs_end_to_end(server):
     assert chart_image.shape[2] == 3 and chart_image.std() > 10
     [report] = outputs[_node_of(prompt, "PreviewAny")]["text"]
     assert "Semantic consistency" in report and "LR tags:" in report
+
+
+@pytest.mark.parametrize("text_tower", TEXT_TOWERS)
+def test_the_inspector_runs_from_an_image_tower_and_a_text_tower(server, text_tower):
+    """clip_vision + clip_l, and clip_vision + an SD 2.x checkpoint's text tower, through Load CLIP."""
+    spec = server.get("/object_info")["VPDSR_LoadCLIP"]["input"]
+    assert IMAGE_TOWER in spec["required"]["clip_name"][1]["options"]
+    assert text_tower in spec["optional"]["text_encoder"][1]["options"]
+    prompt = _example_prompt(server)
+    prompt[_node_of(prompt, "VPDSR_LoadCLIP")]["inputs"].update(clip_name=IMAGE_TOWER, text_encoder=text_tower)
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    [report] = entry["outputs"][_node_of(prompt, "PreviewAny")]["text"]
+    assert "Semantic consistency" in report
 
 
 def _execution_error(entry: dict) -> dict:
