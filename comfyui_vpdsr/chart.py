@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 LR_COLOR = "#4C72B0"
 SR_COLOR = "#DD8452"
@@ -36,6 +34,10 @@ def chart_height_px(rows: int) -> int:
 def tag_chart(bars: Sequence[TagBar], title: str, rows: int | None = None) -> np.ndarray:
     """An (H, W, 3) float32 image in [0, 1]; ``rows`` fixes the height so a batch can be stacked."""
     rows = max(rows or len(bars), len(bars), 1)
+    # matplotlib loads with the first chart, not with the pack: ComfyUI imports the pack at its start-up
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(WIDTH_PX / DPI, chart_height_px(rows) / DPI), dpi=DPI)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()

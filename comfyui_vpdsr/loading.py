@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vpdsr import VPDPipeline, load_pipeline
 from vpdsr.errors import MissingBaseError, ModelFileError, OutOfMemory, VPDError
-from vpdsr.pipeline import resolve_dtype
-from vpdsr.semantics import SemanticModel
+
+if TYPE_CHECKING:
+    from vpdsr import VPDPipeline
+    from vpdsr.semantics import SemanticModel
 
 
 class LoadCache:
@@ -67,7 +68,12 @@ def load_student_pipeline(
     path: Path, base: Path | None, dtype: str, device: torch.device, offload_device: torch.device
 ) -> VPDPipeline:
     """A pipeline in ``dtype`` for ``device``, parked on ``offload_device`` until it runs; the core's
-    errors come out in the node's words (``HINTS``)."""
+    errors come out in the node's words (``HINTS``).
+
+    The pipeline module (and with it diffusers) is imported here, at the first load, not with the pack:
+    ComfyUI imports every pack at its own start-up, and diffusers alone takes seconds."""
+    from vpdsr.pipeline import load_pipeline, resolve_dtype
+
     torch_dtype = resolve_dtype(dtype, device)
     key = (file_stamp(path), file_stamp(base), torch_dtype)
     try:

@@ -7,18 +7,22 @@ and nowhere else. Tiling, the out-of-memory retry and colour fixes are the core'
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from comfy import model_management
 from comfy.utils import ProgressBar
 from comfy_api.latest import io
 
-from vpdsr import VPDPipeline
 from vpdsr.color import COLOR_FIXES, DEFAULT_COLOR_FIX
 from vpdsr.errors import Cancelled, OutOfMemory, VPDError
 
 from .loading import HINTS
 from .nodes_load import CATEGORY
 from .sockets import VPDModel
+
+if TYPE_CHECKING:
+    from vpdsr import VPDPipeline  # the pipeline module loads with the first model, not with the pack
 
 # Activation values per output pixel in the widest stage (the VAE decoder's full-resolution
 # blocks: a few 128-channel feature maps); an estimate for free_memory, not a limit.

@@ -1,6 +1,7 @@
 """The ``vpdsr`` command end to end, on the tiny random student and 16 px inputs."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,26 +151,56 @@ def test_bad_arguments_exit_with_usage(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_progress_bar_moves_per_tile(tmp_path: Path, random_student_file: Path, monkeypatch):
-    """A large image moves the bar tile by tile (a 1920x1200 output once sat at 0/1 for 70 s), and
-    every image, written or failed, ends at a whole count."""
+@pytest.mark.parametrize("images", [1, 2])
+def test_progress_bar_counts_whole_steps_or_images(tmp_path: Path, random_student_file: Path, monkeypatch,
+                                                   images: int):  # fmt: skip
+    """Never "0.3/1": one image counts the pipeline's steps, so a large image moves the bar tile by tile
+    (a 1920x1200 output once sat at 0/1 for 70 s); a folder counts images, written or failed, with the
+    current image's steps beside its name."""
     import tqdm
 
-    seen: list[float] = []
+    seen: list[tuple[float, float | None, str]] = []
 
     class Recording(tqdm.tqdm):
         def update(self, n: float = 1) -> bool | None:
             done = super().update(n)
-            seen.append(self.n)
+            seen.append((self.n, self.total, self.postfix or ""))
             return done
+
+        def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+            super().set_postfix_str(s, refresh)
+            seen.append((self.n, self.total, s))
 
     monkeypatch.setattr(tqdm, "tqdm", Recording)
     inputs = tmp_path / "in"
     _image(inputs / "a.png")
-    (inputs / "broken.png").write_bytes(b"\x89PNG garbage")
+    if images == 2:
+        (inputs / "broken.png").write_bytes(b"\x89PNG garbage")
     code = main(["upscale", str(inputs), "-o", str(tmp_path / "out"), "--model", str(random_student_file),
                  "--tile", "16"])  # fmt: skip
-    assert code == 1
-    within = [n for n in seen if 0 < n % 1 < 1]
-    assert len(within) > 4 and within == sorted(within)  # many steps inside an image, never back
-    assert seen[-1] == pytest.approx(2)
+    assert code == images - 1
+    assert all(n == int(n) and (total is None or total == int(total)) for n, total, _ in seen)
+    counts = [n for n, *_ in seen]
+    assert counts == sorted(counts)
+    if images == 1:
+        assert len(set(counts)) > 4 and counts[-1] == seen[-1][1]  # many steps, and all of them
+    else:
+        assert counts[-1] == 2 and {total for _, total, _ in seen} == {2}
+        assert any(re.fullmatch(r"a\.png \d+/\d+", postfix) for *_, postfix in seen)
+
+
+def test_the_embedded_default_is_named_default_everywhere(tmp_path: Path, capsys):
+    """``--model default`` and ``vpdsr info default`` name the embedded file, as ``bench.quality`` does, and
+    the help says which file that is and what ``info``'s argument and ``--dtype`` mean."""
+    from vpdsr.paths import DEFAULT_MODEL_NAME, default_model_path
+
+    assert main(["info", "default"]) == 0
+    assert f"file      {default_model_path()}" in capsys.readouterr().out
+    src = _image(tmp_path / "p.png")
+    assert main(["upscale", str(src), "-o", str(tmp_path / "out.png"), "--model", "default", "-q"]) == 0
+    assert (tmp_path / "out.png").is_file()
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert DEFAULT_MODEL_NAME in "".join(subparsers["upscale"].format_help().split())  # argparse wraps lines
+    info_model = next(a for a in subparsers["info"]._actions if a.dest == "model")
+    dtype = next(a for a in subparsers["upscale"]._actions if a.dest == "dtype")
+    assert "default" in info_model.help and DEFAULT_MODEL_NAME in info_model.help and "precision" in dtype.help

@@ -26,6 +26,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import vpdsr.pipeline
+
 from vpdsr import OneStepStudent, VPDPipeline, build_backbone, load_pipeline, save_student
 from vpdsr.errors import ModelFileError, VPDError
 from vpdsr.lora import LoraSpec, add_lora, default_lora_targets
@@ -402,7 +404,7 @@ def test_loader_cache_hits_without_reloading_and_reloads_a_changed_file(comfy, m
         loads.append(args[0])
         return load_pipeline(*args, **kwargs)
 
-    monkeypatch.setattr(loading, "load_pipeline", counting_load)
+    monkeypatch.setattr(vpdsr.pipeline, "load_pipeline", counting_load)  # the node imports it at the first load
     loading.STUDENTS.clear()
     first = _load(comfy)
     assert _load(comfy) is first and len(loads) == 1

@@ -194,10 +194,10 @@ def test_tag_chart_shows_every_tag(files: Path) -> None:
 
 
 def test_without_a_model_the_page_says_how_to_pass_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import vpdsr.pipeline
+    import vpdsr.paths
 
     monkeypatch.setattr(engine, "default_model_path", lambda: None)
-    monkeypatch.setattr(vpdsr.pipeline, "default_model_path", lambda: None)
+    monkeypatch.setattr(vpdsr.paths, "default_model_path", lambda: None)
     models = engine.DemoModels(DemoConfig())
     assert "No model is loaded" in models.describe() and "--model" in models.describe()
     with pytest.raises(ModelFileError, match=r"no embedded default model.*\(start the demo with --model or VPDSR_"):

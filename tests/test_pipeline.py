@@ -127,9 +127,10 @@ def test_out_of_memory_at_the_smallest_tile_is_reported(pipe, monkeypatch):
 
 
 def test_missing_default_model_is_explained(monkeypatch):
+    import vpdsr.paths
     import vpdsr.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "default_model_path", lambda: None)
+    monkeypatch.setattr(vpdsr.paths, "default_model_path", lambda: None)
     with pytest.raises(NoDefaultModel, match="no embedded default model") as caught:
         pipeline.load_pipeline()
     assert "--" not in str(caught.value)  # the CLI, the node and the demo each say how to give one

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from .imageio import load_image, save_image  # noqa: F401
     from .model import OneStepStudent  # noqa: F401
     from .modelfile import load_student, read_meta, save_student  # noqa: F401
-    from .pipeline import VPDPipeline, default_model_path, load_pipeline  # noqa: F401
+    from .paths import default_model_path  # noqa: F401
+    from .pipeline import VPDPipeline, load_pipeline  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,7 @@ _EXPORTS = {
     "read_meta": "modelfile",
     "save_student": "modelfile",
     "VPDPipeline": "pipeline",
-    "default_model_path": "pipeline",
+    "default_model_path": "paths",
     "load_pipeline": "pipeline",
 }
 

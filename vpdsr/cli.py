@@ -29,6 +29,7 @@ from .errors import (
     OutOfMemory,
     VPDError,
 )
+from .paths import DEFAULT, DEFAULT_MODEL_NAME, check_model_file, model_path
 from .threads import PASSIVE_WAIT
 
 if TYPE_CHECKING:
@@ -59,6 +60,10 @@ named after its whole file name instead (photo.jpg.png, photo.webp.png).
 
 An existing output is never replaced without --overwrite: it is kept and reported. That is also
 how an interrupted run resumes: run the same command again and it does only what is left."""
+
+
+MODEL_HELP = (f"a student .safetensors file, or '{DEFAULT}' for the embedded default model "
+              f"(vpdsr/assets/{DEFAULT_MODEL_NAME}; a file called {DEFAULT} is ./{DEFAULT})")
 
 
 def _scale(text: str) -> float:
@@ -111,6 +116,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         _report_skipped(plan.skipped)
         print("vpdsr: no input images found", file=sys.stderr)
         return 2
+    if plan.jobs:  # a resumed run with nothing left to do needs no model
+        check_model_file(model_path(args.model))  # a typo answers now, not after torch has loaded
     written, failed, taken, interrupted = _run(plan.jobs, args) if plan.jobs else (0, [], [], False)
     _report_skipped([*plan.skipped, *((job.target, WRITTEN_MEANWHILE) for job in taken)], plan.existing)
     for problem in failed:
@@ -133,8 +140,6 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
     Without --overwrite an output that appears while this run works is left as it is and counted as
     skipped: two runs into one folder share the work rather than report each other as failures.
     """
-    from tqdm import tqdm
-
     from .imageio import DEFAULT_MAX_PIXELS, load_image, save_image
     from .pipeline import load_pipeline
 
@@ -144,20 +149,18 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
                                "color_fix": args.color_fix, "prompt": args.prompt}  # fmt: skip
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
     written, failed, taken = 0, [], []
-    # images as a fraction, so that the bar (and its time left) moves with every tile of a large image
-    bar = tqdm(total=len(jobs), unit="img", disable=args.quiet,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}{postfix}]")  # fmt: skip
+    bar = _progress_bar(len(jobs), args.quiet)
     with warnings.catch_warnings():
         # the pipeline's notes (what a scale other than the model's own costs) as one line of ours,
         # not Python's "file:line: UserWarning" report
-        warnings.showwarning = lambda message, *_: tqdm.write(f"vpdsr: note: {message}", file=sys.stderr)
+        warnings.showwarning = lambda message, *_: bar.write(f"vpdsr: note: {message}", file=sys.stderr)
         try:
-            for index, job in enumerate(jobs):
-                bar.update(index - bar.n)  # a failed image counts as done too
+            for job in jobs:
                 bar.set_postfix_str(job.source.name)
                 try:
                     image = load_image(job.source, max_pixels=max_pixels)
-                    result = pipe.upscale_pil(image, **options, progress=_image_progress(bar, index))
+                    progress = _step_progress(bar, job.source.name, counts_steps=len(jobs) == 1)
+                    result = pipe.upscale_pil(image, **options, progress=progress)
                     save_image(result, job.target, replace=args.overwrite)
                     written += 1
                 except FileExistsError:
@@ -168,7 +171,8 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
                     failed.append(f"{job.source}: {err.worded(HINTS)}")
                 except OSError as err:
                     failed.append(f"{job.target}: cannot write the result ({err.strerror or err})")
-            bar.update(len(jobs) - bar.n)
+                if len(jobs) > 1:
+                    bar.update()  # a failed image counts as done too
         except KeyboardInterrupt:
             return written, failed, taken, True
         finally:
@@ -176,9 +180,30 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
     return written, failed, taken, False
 
 
-def _image_progress(bar: Any, index: int) -> Callable[[int, int], None]:
-    """The pipeline's progress hook (called per tile of every pass) moving ``bar`` through image ``index``."""
-    return lambda done, total: bar.update(index + done / total - bar.n)
+def _progress_bar(images: int, quiet: bool) -> Any:
+    """Whole units, never "0.3/1": several images count images; a single one counts the pipeline's steps
+    (each stage's layers over each tile), so a large image shows its progress and time left too (a
+    1920x1200 output once sat at 0/1 for 70 s)."""
+    from tqdm import tqdm
+
+    return tqdm(total=images if images > 1 else None, unit="img" if images > 1 else "step", disable=quiet,
+                file=sys.stderr)  # fmt: skip
+
+
+def _step_progress(bar: Any, name: str, counts_steps: bool) -> Callable[[int, int], None]:
+    """The pipeline's progress hook (``done`` of ``total`` steps): the bar itself where it counts steps,
+    else the image's own count beside its name, so a large image in a folder run shows it moves."""
+
+    def update(done: int, total: int) -> None:
+        if not counts_steps:
+            if done * 100 // total != (done - 1) * 100 // total:  # a redraw per percent, not per step
+                bar.set_postfix_str(f"{name} {done}/{total}")
+            return
+        if bar.total != total:
+            bar.reset(total=total)  # the first call, or a retry with smaller tiles after running out of memory
+        bar.update(done - bar.n)
+
+    return update
 
 
 def _report_skipped(skipped: Iterable[tuple[Path, str]], existing: Sequence[Job] = ()) -> None:
@@ -210,11 +235,13 @@ MAX_INFO_STRING, MAX_INFO_ITEMS = 1000, 100  # per string, and per list or objec
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    path = model_path(args.model)
+    check_model_file(path)  # before torch loads, so a typo answers at once
     from .modelfile import read_meta
 
-    meta = read_meta(args.model)
+    meta = read_meta(path)
     if not (args.json or args.full):
-        print(_summary(Path(args.model), meta))
+        print(_summary(path, meta))
         return 0
     data = json.loads(meta.to_json())
     if not args.full:
@@ -322,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--overwrite", action="store_true",
                     help="replace existing outputs (without it they are kept, so running an interrupted "
                          "command again resumes it)")  # fmt: skip
-    up.add_argument("--model", help="student .safetensors file (default: the embedded default model)")
+    up.add_argument("--model", default=DEFAULT, help=f"{MODEL_HELP} (default: {DEFAULT})")
     up.add_argument("--base", help="base weights for LoRA students: a diffusers folder or a single-file .safetensors")
     up.add_argument("--scale", type=_scale, default=None,
                     help="upscale factor, 1 to 8 (default: the model's own scale)")  # fmt: skip
@@ -332,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"colour correction (default {DEFAULT_COLOR_FIX})")  # fmt: skip
     up.add_argument("--prompt", default=None, help="text prompt (models with a text encoder only)")
     up.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    up.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    up.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                    help="precision: auto is bf16 on CUDA GPUs that support it, else fp16 on a GPU; on the CPU "
+                         "bf16 where the CPU has it in hardware, else fp32 (default auto)")  # fmt: skip
     up.add_argument("--max-pixels", type=_count(1), default=None,
                     help="refuse inputs with more pixels than this (default: 40 megapixels)")  # fmt: skip
     up.add_argument("--allow-download", action="store_true", help="let --base name a Hugging Face repo and download it")
@@ -340,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_upscale)
 
     info = sub.add_parser("info", help="show a model file's metadata")
-    info.add_argument("model")
+    info.add_argument("model", help=MODEL_HELP)
     info.add_argument("--json", action="store_true", help="print all metadata as JSON")
     info.add_argument("--full", action="store_true", help="JSON with the backbone's full config (implies --json)")
     info.set_defaults(func=cmd_info)

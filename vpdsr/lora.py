@@ -2,6 +2,9 @@
 
 Adapters are described by plain dicts (``LoraSpec.to_dict``) so that they can be written into a
 model file's metadata and rebuilt exactly, including OSEDiff's three UNet adapters.
+
+peft (which imports transformers) loads only when an adapter is added or merged: the embedded default
+and the tiny students have none, and every model file and backbone imports this module.
 """
 
 from __future__ import annotations
@@ -10,8 +13,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 __all__ = ["LoraSpec", "add_lora", "default_lora_targets", "merge_lora", "lora_parameter_names"]
@@ -70,6 +71,9 @@ def default_lora_targets(model: nn.Module, suffixes: tuple[str, ...], prefix: st
 
 def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Inject an adapter and make it active alongside any adapters already there."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights="gaussian", target_modules=list(spec.targets))
     with warnings.catch_warnings():  # several adapters on one model is what we want (OSEDiff has three)
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -87,6 +91,8 @@ def lora_parameter_names(model: nn.Module) -> list[str]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weights and drop the peft wrappers, for fast inference."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for name, module in list(model.named_modules()):
         if not isinstance(module, BaseTunerLayer):
             continue

@@ -11,7 +11,6 @@ import gc
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .color import COLOR_FIXES, DEFAULT_COLOR_FIX, color_fix_
-from .errors import ModelFileError, NoDefaultModel, NonFiniteOutput, OutOfMemory, VPDError
+from .errors import ModelFileError, NonFiniteOutput, OutOfMemory, VPDError
 from .imageio import join_image, split_image
 from .model import OneStepStudent
 from .modelfile import StudentMeta, load_student, read_meta
+from .paths import default_model_path, model_path
 from . import layerwise
 from .threads import cpu_threads
 
 __all__ = ["VPDPipeline", "cpu_has_native_bf16", "default_model_path", "load_pipeline", "resolve_device", "resolve_dtype", "scale_note"]
 
 ProgressCallback = Callable[[int, int], None]
-DEFAULT_MODEL_NAME = "vpdsr-tiny-default.safetensors"
 _OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", RuntimeError), getattr(torch.cuda, "OutOfMemoryError", RuntimeError)} - {RuntimeError})
 MIN_TILE = 64
 MIN_SCALE, MAX_SCALE = 1.0, 8.0
@@ -83,12 +82,6 @@ def network_scale(meta: StudentMeta, scale: float | None) -> float:
 
 def ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def default_model_path() -> Path | None:
-    """The embedded default model shipped inside the package, if this build has one."""
-    path = Path(str(resources.files("vpdsr").joinpath("assets", DEFAULT_MODEL_NAME)))
-    return path if path.is_file() else None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -411,10 +404,9 @@ def load_pipeline(
     dtype: str | torch.dtype = "auto",
     allow_download: bool = False,
 ) -> VPDPipeline:
-    """Load a student file (or the embedded default) and, for LoRA students, its base weights."""
-    path = Path(model) if model is not None else default_model_path()
-    if path is None:
-        raise NoDefaultModel("no embedded default model ships with this version of vpdsr yet; a student file is needed")
+    """Load a student file (or the embedded default: ``None`` or ``"default"``) and, for LoRA students, its base
+    weights."""
+    path = model_path(model)
     meta = read_meta(path)
     base_parts = text_encoder = None
     if meta.weights == "lora" and base is not None:  # without one, load_student raises MissingBaseError
