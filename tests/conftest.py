@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vpdsr import OneStepStudent, build_backbone, pipeline, save_student, threads
+
+
+@pytest.fixture(autouse=True)
+def temp_files_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a test leaves in a temp folder goes with its ``tmp_path``, which pytest cleans up: gradio
+    caches uploads and results in ``$GRADIO_TEMP_DIR`` (else ``/tmp/gradio``), and gradio_client makes a
+    40-hex-digit folder in the system temp folder for every file it downloads and leaves it there empty.
+    ``TMPDIR`` carries the same to the servers and commands the tests start."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(scope="session", autouse=True)
