@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from .backbones import SmoothUpsample
 from .errors import Cancelled
 from .refiner import PixelRefiner
-from .shuffle_decoder import ResidualConvBlock, ShuffleDecoder
+from .shuffle_decoder import ResidualConvBlock, ShuffleDecoder, upscale_bilinear
 
 __all__ = ["UnsupportedModule", "count_steps", "decode", "encode_mean", "refine", "unet_forward"]
 
@@ -152,7 +152,28 @@ class _Shuffle:
         return a, -(-o1 // self.factor), o0 - a * self.factor
 
 
-_Axis = _Conv | _Nearest | _Bilinear | _Shuffle
+@dataclass(frozen=True)
+class _Upscale:
+    """Bilinear resize by an integer ``factor`` (align_corners=False), no convolution.
+
+    Output ``o`` interpolates input rows ``floor((o + 0.5) / factor - 0.5)`` and the one after; a
+    region holding both for every output of the tile resizes to the image's values there, since
+    the resize of a region starting at row ``a`` is the image's shifted by ``a * factor``.
+    """
+
+    factor: int
+
+    def length(self, n: int) -> int:
+        return n * self.factor
+
+    def need(self, o0: int, o1: int, n: int) -> tuple[int, int, int]:
+        f = self.factor
+        a = max(0, math.floor((o0 + 0.5) / f - 0.5))
+        b = min(n, math.floor((o1 - 0.5) / f - 0.5) + 2)
+        return a, b, o0 - a * f
+
+
+_Axis = _Conv | _Nearest | _Bilinear | _Shuffle | _Upscale
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -739,17 +760,23 @@ def _decode(r: _Runner, vae: nn.Module, z: _Act) -> _Act:
 
 
 def _shuffle_decode(r: _Runner, dec: ShuffleDecoder, quant: nn.Module | None, z: _Act) -> _Act:
-    """ShuffleDecoder: one pass per convolution (SiLUs fused into the next), then the pixel shuffle.
-    It has no norms, so no pass gathers moments."""
+    """ShuffleDecoder: one pass per convolution (SiLUs fused into the next), the base's bilinear
+    resize, then the pixel shuffle with the base added. It has no norms, so no pass gathers moments."""
     h = _conv(r, z, dec.conv_in, pre=quant, moments=False)
     for block in dec.blocks:
         if type(block) is not ResidualConvBlock:
             raise _unsupported(block, "expected vpdsr's ResidualConvBlock")
         t = _conv(r, h, block.conv1, pre=block.act, moments=False)
         h = _conv(r, t, block.conv2, pre=block.act, post=lambda v, box, skip=h: box.fetch(skip) + v, moments=False)
-    h = _conv(r, h, dec.conv_out, pre=dec.act, moments=False)
     f = dec.factor
-    return r.spatial(h, (_Shuffle(f), _Shuffle(f)), lambda v, box: box.crop(F.pixel_shuffle(v, f)), moments=False)  # type: ignore[return-value]
+    small = _conv(r, h, dec.conv_base, pre=dec.act, moments=False)
+    base = r.spatial(small, (_Upscale(f), _Upscale(f)), lambda v, box: box.crop(upscale_bilinear(v, f)), moments=False)
+    h = _conv(r, h, dec.conv_out, pre=dec.act, moments=False)
+
+    def shuffle(v: Tensor, box: _Box) -> Tensor:
+        return box.fetch(base) + box.crop(F.pixel_shuffle(v, f))  # type: ignore[arg-type]
+
+    return r.spatial(h, (_Shuffle(f), _Shuffle(f)), shuffle, moments=False)  # type: ignore[return-value]
 
 
 def _time_embedding(
