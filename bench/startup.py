@@ -86,7 +86,7 @@ def cases(workdir: Path) -> list[tuple[str, list[str], float | None]]:
     return [
         ("vpdsr upscale (128 px example)",
          [py, "-m", "vpdsr", "upscale", str(EXAMPLE), "-o", str(workdir / "out"), "--overwrite", "-q"], 4.0),
-        ("ComfyUI loads the pack (after torch)", [py, "-c", COMFY_START], 1.5),
+        ("ComfyUI loads the pack, after torch", [py, "-c", COMFY_START], 1.5),
         ("vpdsr info missing.safetensors", [py, "-m", "vpdsr", "info", str(workdir / "missing.safetensors")], 1.0),
         ("import vpdsr.pipeline", [py, "-c", "import vpdsr.pipeline"], None),
     ]  # fmt: skip
