@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from .color import RING_CLAMP, WAVELET_LEVELS, check_ring_clamp, check_wavelet_l
 from .errors import MissingBaseError, ModelFileError, NonFiniteWeights
 from .lora import LoraSpec, add_lora
 from .model import OneStepStudent
+from .paths import check_model_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "RESIZES", "Preprocess", "StudentMeta", "load_student", "read_meta",
            "save_student", "write_model_file"]  # fmt: skip
@@ -183,33 +182,8 @@ def _depth(value: Any, limit: int, level: int = 1) -> int:
     return max((_depth(child, limit, level + 1) for child in children), default=level)
 
 
-def _check_regular_file(path: Path) -> None:
-    """Refuse a path that is not a regular file, saying what it is: a folder, a pipe or a device
-    (``/dev/zero`` would never end, a FIFO waits forever for a writer) is not "not found"."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise ModelFileError(f"{path}: is a link to a missing file ({os.readlink(path)})") from None
-        raise ModelFileError(f"model file not found: {path}") from None
-    except OSError as err:  # a path through a file, a folder we may not enter, a link loop
-        raise ModelFileError(f"{path}: cannot be read ({err.strerror or err})") from None
-    if stat.S_ISREG(info.st_mode):
-        return
-    if stat.S_ISDIR(info.st_mode):
-        kind = "a folder"
-    elif stat.S_ISFIFO(info.st_mode):
-        kind = "a pipe"
-    elif stat.S_ISSOCK(info.st_mode):
-        kind = "a socket"
-    else:
-        kind = "a device"
-    link = f" (a link to {os.readlink(path)})" if path.is_symlink() else ""
-    raise ModelFileError(f"{path}: is {kind}, not a model file{link}")
-
-
 def _open(path: Path):
-    _check_regular_file(path)
+    check_model_file(path)
     if path.suffix.lower() != ".safetensors":
         raise ModelFileError(
             f"{path.name}: vpdsr model files are .safetensors (for OSEDiff .pkl files use `vpdsr convert-osediff`)"
