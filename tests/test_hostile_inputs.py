@@ -350,3 +350,17 @@ def test_an_output_another_run_wrote_first_counts_as_skipped(tmp_path: Path, mon
     assert f"skipped 1 file, written meanwhile by another run (kept): {out / 'a.png'}" in err
     assert "wrote 1 image" in err and "(1 skipped)" in err and "failed" not in err
     assert Image.open(out / "a.png").size == (1, 1) and sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_an_output_folder_that_is_a_file_is_a_failure_not_a_skip(tmp_path: Path, capsys):
+    """mkdir's FileExistsError (``out/sub`` is a plain file) was taken for another run's output."""
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    Image.fromarray(photo_like(8, 8)).save(tmp_path / "in" / "sub" / "x.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_bytes(b"")
+    assert main(["upscale", str(tmp_path / "in"), "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "skipped" not in err and "Traceback" not in err
+    assert f"failed: {out / 'sub' / 'x.png'}: cannot write the result (File exists: {out / 'sub'})" in err
+

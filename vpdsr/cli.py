@@ -140,7 +140,7 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
     Without --overwrite an output that appears while this run works is left as it is and counted as
     skipped: two runs into one folder share the work rather than report each other as failures.
     """
-    from .imageio import DEFAULT_MAX_PIXELS, load_image, save_image
+    from .imageio import DEFAULT_MAX_PIXELS, OutputTaken, load_image, save_image
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(model=args.model, base=args.base, device=args.device, dtype=args.dtype,
@@ -163,14 +163,15 @@ def _run(jobs: Sequence[Job], args: argparse.Namespace) -> tuple[int, list[str],
                     result = pipe.upscale_pil(image, **options, progress=progress)
                     save_image(result, job.target, replace=args.overwrite)
                     written += 1
-                except FileExistsError:
+                except OutputTaken:
                     taken.append(job)
                 except ImageError as err:  # its message starts with the file's name
                     failed.append(str(err))
                 except VPDError as err:
                     failed.append(f"{job.source}: {err.worded(HINTS)}")
-                except OSError as err:
-                    failed.append(f"{job.target}: cannot write the result ({err.strerror or err})")
+                except OSError as err:  # the path in the cause where it is another (a subfolder that is a file)
+                    where = f": {err.filename}" if err.filename and Path(err.filename) != job.target else ""
+                    failed.append(f"{job.target}: cannot write the result ({err.strerror or err}{where})")
                 if len(jobs) > 1:
                     bar.update()  # a failed image counts as done too
         except KeyboardInterrupt:

@@ -31,6 +31,7 @@ from .errors import ImageError
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageParts",
+    "OutputTaken",
     "file_size_limit",
     "join_image",
     "load_image",
@@ -59,6 +60,14 @@ class ImageParts:
     grayscale: bool
     bits: int  # 8 or 16
     icc: bytes | None
+
+
+class OutputTaken(FileExistsError):
+    """Another writer finished this output first (``save_image(..., replace=False)``).
+
+    A type of its own, because ``save_image`` meets other FileExistsErrors that are real failures:
+    an output subfolder that exists as a plain file fails ``mkdir`` with one.
+    """
 
 
 def _png_bit_depth(data: bytes) -> int:
@@ -315,7 +324,7 @@ def save_image(image: Image.Image, path: str | Path, *, replace: bool = True) ->
     a random part), then moved into place, so a crash never leaves a half-written result over an
     existing file, and two processes writing into one folder never take each other's half-written
     file. With ``replace=False`` an existing destination is never replaced, not even one that
-    another writer finished while this one worked: that raises FileExistsError and the other
+    another writer finished while this one worked: that raises OutputTaken and the other
     writer's file stays as it was.
     """
     path = Path(path)
@@ -353,13 +362,14 @@ def _publish_new(tmp: Path, path: Path) -> None:
 
     A hard link fails with FileExistsError when the name is taken, which a rename does not do on
     POSIX. Where a filesystem has no hard links (FAT, some network mounts), the existence check and
-    the rename are two steps: a writer finishing between them is replaced, never corrupted.
+    the rename are two steps: a writer finishing between them is replaced, never corrupted. Either
+    way a taken name raises OutputTaken.
     """
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise
+        raise OutputTaken(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
     except OSError:  # no hard links here
         if os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+            raise OutputTaken(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
         tmp.replace(path)
