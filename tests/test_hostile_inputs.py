@@ -364,3 +364,13 @@ def test_an_output_folder_that_is_a_file_is_a_failure_not_a_skip(tmp_path: Path,
     assert "skipped" not in err and "Traceback" not in err
     assert f"failed: {out / 'sub' / 'x.png'}: cannot write the result (File exists: {out / 'sub'})" in err
 
+
+def test_a_decoder_error_without_words_is_named_by_its_type(monkeypatch):
+    """``err or type(err).__name__`` never reached the name: an exception is always truthy."""
+
+    def silent_failure(data: bytes, name: str, max_pixels: int) -> Image.Image:
+        raise EOFError
+
+    monkeypatch.setattr(imageio, "_open_within", silent_failure)
+    with pytest.raises(ImageError, match=r"^x\.png: the image is corrupt or truncated \(EOFError\)$"):
+        load_image(b"\x89PNG", name="x.png")

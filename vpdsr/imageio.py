@@ -106,7 +106,7 @@ def load_image(
     except Image.DecompressionBombError as err:  # a part of the file (a GIF frame, a TIFF tile) past Pillow's limit
         raise ImageError(f"{name}: refused as a likely decompression bomb ({err})") from None
     except _CORRUPT as err:
-        raise ImageError(f"{name}: the image is corrupt or truncated ({err or type(err).__name__})") from None
+        raise ImageError(f"{name}: the image is corrupt or truncated ({str(err) or type(err).__name__})") from None
     image.info["vpdsr_bits"] = 16 if _png_bit_depth(data) == 16 or image.mode in ("I;16", "I;16B", "I;16L", "I") else 8
     return ImageOps.exif_transpose(image)
 
