@@ -26,7 +26,7 @@ from trainer import checkpoint as checkpoint_module
 from trainer import cli
 from trainer.checkpoint import CheckpointState, CorruptCheckpoint, load_checkpoint, save_checkpoint, trained_keys
 from trainer.config import ConfigError, load_config
-from trainer.loop import TrainingAborted, train
+from trainer.loop import TrainingAborted, check_resumed_config, train
 from trainer.stages.teacher import TeacherStage
 
 # test_trainer's fixtures, found by pytest under these names: its training photos, and one thread
@@ -319,3 +319,29 @@ def test_a_resume_with_harmless_changes_notes_each_and_goes_on(images, two_steps
     assert "resuming with changed data.num_workers 0 -> 1, optim.steps 3 -> 4" in err
     assert "warning: resuming with changed optim.lr 0.0002 -> 0.0003: these apply from step 3 on" in err
     assert (run / "checkpoints" / "step-00000004").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "named"),
+    [("student", "student.lora_rank=4", "student.lora_rank 0 -> 4"),
+     ("student", "student.train_vae_decoder=true", "student.train_vae_decoder False -> True"),
+     ("student", "student.init_from=base", "student.init_from 'teacher' -> 'base'"),
+     ("student", "student.timestep=500", "student.timestep 999 -> 500"),
+     ("dape", "dape.lora_rank=4", "dape.lora_rank 8 -> 4"),
+     ("teacher", "teacher.base=sd", "teacher.base None -> 'sd'")],
+)  # fmt: skip
+def test_a_resume_that_changes_the_trained_parameters_is_refused(stage, override, named):
+    """LoRA ranks, the trained VAE parts, the initial weights and the timestep only warned: they
+    change which parameters exist, their shapes, or the frozen weights rebuilt around them."""
+    saved = load_config(None, [f"stage={stage}"]).to_dict()
+    with pytest.raises(ConfigError, match=f"was written with another {named}: that changes what is trained"):
+        check_resumed_config(load_config(None, [f"stage={stage}", override]), Path("ckpt"), {"config": saved})
+
+
+def test_a_key_added_since_the_checkpoint_compares_as_its_default(recwarn):
+    """The saved config was compared as stored: a key added to TrainConfig since showed as '(unset)'
+    and, among the fixed ones, would have refused every older checkpoint."""
+    saved = load_config(None, ["stage=student"]).to_dict()
+    del saved["student"]["lora_rank"], saved["student"]["sr_teacher_dtype"], saved["data"]["crop_size"]
+    check_resumed_config(load_config(None, ["stage=student"]), Path("ckpt"), {"config": saved, "step": 3})
+    assert not recwarn.list

@@ -40,7 +40,7 @@ from .checkpoint import (
     write_failure,
 )
 from .config import TrainConfig
-from .config_loading import ConfigError
+from .config_loading import ConfigError, from_dict
 from .data import build_val_loader
 from .degradations import degrade
 from .images import save_grid
@@ -221,10 +221,20 @@ def _resume(
     return int(info["step"]), int(info.get("bad_steps", 0))
 
 
-# Settings whose change on resume alters what is trained: the model built, the images it learns from
-# (crop, batch), the stage. The weights saved would not fit, or would fit and be trained as another
-# model than the exported metadata says (a scale changed half-way).
-_FIXED = ("stage", "backbone", "scale", "data.crop_size", "data.batch_size")
+# Settings whose change on resume alters what is trained: the model built, which of its parameters
+# exist and train and their shapes, the weights it starts from (frozen parts, an SD UNet under LoRA
+# or a VAE decoder that does not train, are not in the checkpoint: they are rebuilt from these), the
+# images it learns from (crop, batch), the stage. The weights saved would not fit, or would fit and
+# be trained as another model than the exported metadata says (a scale changed half-way). Per stage,
+# as each reads its own sections: a student run's dape.lora_rank means nothing.
+_FIXED_ALL = ("stage", "backbone", "scale", "data.crop_size", "data.batch_size")
+_FIXED = {
+    "teacher": (*_FIXED_ALL, "teacher.base", "teacher.vae_steps"),
+    "student": (*_FIXED_ALL, "student.teacher", "student.base", "student.init_from", "student.init_student",
+                "student.timestep", "student.lora_rank", "student.lora_alpha", "student.train_vae_encoder",
+                "student.train_vae_decoder"),
+    "dape": (*_FIXED_ALL, "clip.path", "clip.text_path", "clip.config", "dape.lora_rank", "dape.lora_alpha"),
+}  # fmt: skip
 # Settings that change how the run is carried out, never what it learns: noted, then used.
 _HARMLESS = ("name", "output_dir", "optim.steps", "optim.log_every", "optim.threads", "optim.max_bad_steps",
              "data.num_workers", "checkpoint.", "validation.", "data.val_")  # fmt: skip
@@ -243,6 +253,20 @@ def _owns_model(key: str) -> bool:
     return loss is not None and loss.own_model is not StudentLoss.own_model
 
 
+def _as_loaded(saved: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The checkpoint's config with today's defaults filled in, as ``TrainConfig.to_dict`` gives it.
+
+    One that no longer loads (a key since removed, a value now refused) is compared as stored,
+    with a warning that says why: its other keys still tell what changed.
+    """
+    try:
+        return from_dict(TrainConfig, saved).to_dict()
+    except ConfigError as err:
+        warnings.warn(f"{path}'s config does not load in this version ({err}); it is compared as stored",
+                      stacklevel=3)  # fmt: skip
+        return saved
+
+
 def check_resumed_config(cfg: TrainConfig, path: Path, info: dict[str, Any]) -> None:
     """Compare the config of a resumed run with the one its checkpoint was written with.
 
@@ -251,8 +275,11 @@ def check_resumed_config(cfg: TrainConfig, path: Path, info: dict[str, Any]) -> 
     otherwise end in a state-dict error. The harmless ones (``_HARMLESS``: steps, logging, workers,
     checkpoint and validation cadence) are noted; any other change (a learning rate, a loss
     weight) applies from here on and is warned about, one line for all.
+
+    The saved config is read through the config loader first, so a key added since the checkpoint
+    was written compares as its default, not as '(unset)'.
     """
-    saved, now = _flat(info.get("config", {})), _flat(cfg.to_dict())
+    saved, now = _flat(_as_loaded(info.get("config", {}), path)), _flat(cfg.to_dict())
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if not changed:
         return
@@ -260,7 +287,7 @@ def check_resumed_config(cfg: TrainConfig, path: Path, info: dict[str, Any]) -> 
     def what(key: str) -> str:
         return f"{key} {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
 
-    fixed = [k for k in changed if k in _FIXED or (k.startswith("losses.") and _owns_model(k.split(".")[1]))]
+    fixed = [k for k in changed if k in _FIXED[cfg.stage] or (k.startswith("losses.") and _owns_model(k.split(".")[1]))]
     if fixed:
         raise ConfigError(
             f"{path} was written with another {', '.join(what(k) for k in fixed)}: that changes what is trained, so "
