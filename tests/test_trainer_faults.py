@@ -23,7 +23,7 @@ from torch import nn
 from tests import test_trainer
 from tests.test_trainer import REPO, TEACHER, common
 from trainer import checkpoint as checkpoint_module
-from trainer import cli
+from trainer import cli, loop
 from trainer.checkpoint import CheckpointState, CorruptCheckpoint, load_checkpoint, save_checkpoint, trained_keys
 from trainer.config import ConfigError, load_config
 from trainer.loop import TrainingAborted, check_resumed_config, train
@@ -276,6 +276,43 @@ def test_export_refuses_a_checkpoint_before_the_last_step(images, tmp_path, caps
                      *_teacher(images, out, "optim.steps=3", "checkpoint.every=1")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is at step 2, before optim.steps = 3: there is no trained model to export" in err
+
+
+
+class _Broken:
+    """An optimizer-like state whose state_dict fails as a bug or an out-of-memory would."""
+
+    def state_dict(self) -> dict:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_an_error_that_is_no_write_failure_is_not_reported_as_one(tmp_path):
+    """Every RuntimeError counted as a failed write: an out-of-memory or a bug in state_dict() or the
+    export printed 'cannot write the checkpoint' with its traceback hidden."""
+    state = _toy_state()
+    state.stateful["broken"] = _Broken()
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as raised:
+        save_checkpoint(tmp_path, 1, state, {})
+    assert type(raised.value) is RuntimeError and list(tmp_path.iterdir()) == []  # no partial folder left
+
+    class Stage:
+        cfg = load_config(None, ["stage=teacher"])
+
+        def export(self, out_dir: Path) -> Path:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as raised:
+        loop._export(Stage(), tmp_path, 3)
+    assert type(raised.value) is RuntimeError
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+@pytest.mark.parametrize("size", [10, 10**6])  # buffered until the close, and written at once
+def test_torch_save_on_a_full_disk_raises_the_os_error(size):
+    """torch.save words a full disk as a RuntimeError of its own ("unexpected pos 704 vs 598")."""
+    with pytest.raises(OSError) as raised:
+        checkpoint_module._torch_save({"a": torch.zeros(size)}, Path("/dev/full"))
+    assert raised.value.errno == errno.ENOSPC
 
 
 # ----------------------------------------------------------------------------- resume with a changed config (#24)

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -71,9 +71,10 @@ class WriteFailed(RuntimeError):
     permission); the message names the file and the cause, and what was written before is kept."""
 
 
-# What a failed write raises: the OS, safetensors (its own type, wrapping the I/O error), torch.save
-# (RuntimeError: "PytorchStreamWriter failed writing file").
-WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+# What a failed write raises: the OS, safetensors (its own type, wrapping the I/O error). torch.save's
+# RuntimeError is turned into the OSError behind it where there is one (see _torch_save): any other
+# RuntimeError (out of memory, a bug in a state_dict) is no write failure and keeps its traceback.
+WRITE_ERRORS = (OSError, SafetensorError)
 
 
 def write_failure(err: BaseException, path: Path) -> str:
@@ -138,11 +139,13 @@ def save_checkpoint(root: Path, step: int, state: CheckpointState, extra: dict[s
     tmp = root / (final.name + PARTIAL)
     try:
         _write(root, tmp, final, step, state, extra)
-    except WRITE_ERRORS as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteFailed(
-            f"cannot write the checkpoint of step {step} ({write_failure(err, tmp)}); the last one written is kept"
-        ) from None
+        if isinstance(err, WRITE_ERRORS):
+            raise WriteFailed(
+                f"cannot write the checkpoint of step {step} ({write_failure(err, tmp)}); the last one written is kept"
+            ) from None
+        raise  # not a write failure (out of memory, a bug): its own traceback
     return final
 
 
@@ -160,13 +163,43 @@ def _write(root: Path, tmp: Path, final: Path, step: int, state: CheckpointState
         save_file(
             {k: v.to("cpu").contiguous() for k, v in state.ema.state_dict().items()}, str(tmp / "ema.safetensors")
         )
-    torch.save({name: obj.state_dict() for name, obj in state.stateful.items()}, tmp / "optim.pt")
+    _torch_save({name: obj.state_dict() for name, obj in state.stateful.items()}, tmp / "optim.pt")
     rng_tensors, rng_plain = _rng_state()
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
     sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     info = {"step": step, "rng": rng_plain, "files": sizes, **extra}
     (tmp / "state.json").write_text(json.dumps(info), encoding="utf-8")
     _publish(tmp, final)
+
+
+class _KeepsWriteError:
+    """A binary file that remembers the OSError of a failed write, which torch.save would otherwise
+    report only as a RuntimeError in its own words ("unexpected pos 704 vs 598")."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, where a failed write raises the OSError itself (a full disk)."""
+    with path.open("wb") as file:
+        writer = _KeepsWriteError(file)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 def _fsync(path: Path) -> None:
