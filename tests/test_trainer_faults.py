@@ -207,6 +207,27 @@ def _reported(stderr: str) -> bool:
     return "error:" in stderr or "Error:" in stderr
 
 
+def _live_in_group(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` that still run. Zombies do not count: where PID 1 reaps no
+    orphans (some containers), a worker that ended stays one, and os.killpg(pgid, 0) still finds it."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # no /proc (macOS): the group's existence, which launchd keeps honest
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        return [pgid]
+    live = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp
+        except OSError:  # ended while listed
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="loader workers start by fork on POSIX only")
 def test_a_failed_checkpoint_write_with_loader_workers_ends_the_run_in_one_line(images, tmp_path):
     """Workers ignore SIGTERM (so a scheduler's SIGTERM lets the step finish), and multiprocessing's
@@ -231,6 +252,10 @@ def test_a_failed_checkpoint_write_with_loader_workers_ends_the_run_in_one_line(
             proc.wait()
     err = log.read_text()
     assert proc.returncode == 1, err
+    deadline = time.monotonic() + 10  # the loader workers end with the run, not some time later
+    while _live_in_group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _live_in_group(proc.pid), "loader workers outlived the run"
     assert "Traceback" not in err
     partial = out / "checkpoints" / "step-00000002.partial"
     assert err.strip().splitlines()[-1] == (
@@ -313,6 +338,38 @@ def test_torch_save_on_a_full_disk_raises_the_os_error(size):
     with pytest.raises(OSError) as raised:
         checkpoint_module._torch_save({"a": torch.zeros(size)}, Path("/dev/full"))
     assert raised.value.errno == errno.ENOSPC
+
+
+
+def _config_yaml_is_a_folder(out: Path) -> tuple[Path, str]:
+    (out / "config.yaml").mkdir(parents=True)
+    return out / "config.yaml", "the run's config"
+
+
+def _log_csv_is_on_a_full_disk(out: Path) -> tuple[Path, str]:
+    out.mkdir(parents=True)
+    (out / "log.csv").symlink_to("/dev/full")  # opens, and every write fails with ENOSPC
+    return out / "log.csv", "the training log"
+
+
+def _samples_is_a_file(out: Path) -> tuple[Path, str]:
+    out.mkdir(parents=True)
+    (out / "samples").write_bytes(b"")
+    return out / "samples", "the validation samples"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+@pytest.mark.parametrize("fault", [_config_yaml_is_a_folder, _log_csv_is_on_a_full_disk, _samples_is_a_file])
+def test_a_failed_write_of_the_config_log_or_samples_is_one_line(images, tmp_path, capsys, fault):
+    """config.yaml, log.csv, TensorBoard's files and the sample grids ended a run on a full disk with
+    a traceback; they are one line naming the file and the cause, as a failed checkpoint is."""
+    out = tmp_path / "run"
+    path, what = fault(out)
+    args = ["--config", str(TEACHER), "--no-progress", *_teacher(images, out, "optim.steps=3")]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write {what} ({path}: "), err
 
 
 # ----------------------------------------------------------------------------- resume with a changed config (#24)

@@ -25,7 +25,8 @@ import pickle
 import random
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -47,6 +48,7 @@ __all__ = [
     "prune_checkpoints",
     "save_checkpoint",
     "trained_keys",
+    "write_reported",
 ]
 
 PREFIX = "step-"
@@ -82,6 +84,17 @@ def write_failure(err: BaseException, path: Path) -> str:
     if isinstance(err, OSError) and err.strerror:
         return f"{err.filename or path}: {err.strerror}"
     return f"{path}: {(str(err).strip().splitlines() or [type(err).__name__])[0][:200]}"
+
+
+@contextmanager
+def write_reported(path: Path, what: str) -> Iterator[None]:
+    """Run the writing of ``what`` into ``path``: an OSError (a full disk, a folder in the way) ends the
+    run as one WriteFailed line naming the file and the cause, as a failed checkpoint does, not as a
+    traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise WriteFailed(f"cannot write {what} ({write_failure(err, path)})") from None
 
 
 class CheckpointState:

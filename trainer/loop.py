@@ -38,6 +38,7 @@ from .checkpoint import (
     save_checkpoint,
     trained_keys,
     write_failure,
+    write_reported,
 )
 from .config import TrainConfig
 from .config_loading import ConfigError, from_dict
@@ -346,8 +347,9 @@ def _train(cfg: TrainConfig, resume: str | None, progress: bool, stop: _StopFlag
     main = acc.is_main_process
     logbook = Logbook(out, enabled=main)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        with write_reported(out / "config.yaml", "the run's config"):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
     def checkpoint(step: int) -> Path | None:
         acc.wait_for_everyone()
@@ -365,7 +367,9 @@ def _train(cfg: TrainConfig, resume: str | None, progress: bool, stop: _StopFlag
         if main:
             logbook.log(step, {f"val/{k}": v for k, v in metrics.items()})
             if rows and cfg.validation.grid_images:
-                save_grid(rows[: cfg.validation.grid_images], out / "samples" / f"step-{step:08d}.png")
+                grid = out / "samples" / f"step-{step:08d}.png"
+                with write_reported(grid, "the validation samples"):
+                    save_grid(rows[: cfg.validation.grid_images], grid)
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     bar = tqdm(total=steps, initial=start, disable=not (main and progress), dynamic_ncols=True, unit="step")
