@@ -243,3 +243,45 @@ def test_a_model_path_that_is_not_a_file_says_what_it_is(tmp_path: Path, photo: 
     assert main(["info", str(path)]) == 2 and _upscale(photo, tmp_path / "out", path) == 2
     err = capsys.readouterr().err
     assert err.count(message) == 2 and "not found" not in err and "Traceback" not in err
+
+
+def _load_teacher(path: Path) -> object:
+    from trainer.teacher_file import load_teacher
+
+    return load_teacher(path)
+
+
+def _load_clip(path: Path) -> object:
+    from vpdsr.semantics import load_clip
+
+    return load_clip(path)
+
+
+def _convert_osediff(path: Path) -> object:
+    from vpdsr.osediff import convert_osediff
+
+    return convert_osediff(path, path.with_name("out.safetensors"))
+
+
+def _load_base(path: Path) -> object:
+    from vpdsr.weights import load_base
+
+    return load_base("sd21-base", path)
+
+
+@pytest.mark.parametrize(
+    ("load", "what"),
+    [(_load_teacher, "a teacher file"), (_load_clip, "a CLIP checkpoint"), (_convert_osediff, "an OSEDiff checkpoint"),
+     (_load_base, "a base checkpoint")],
+)  # fmt: skip
+@pytest.mark.parametrize("case", ["fifo", "link to /dev/zero", "dangling link"])
+def test_every_model_path_that_is_not_a_file_says_what_it_is(tmp_path: Path, load, what: str, case: str):
+    """Only student files said what a path is: a teacher file, a CLIP or OSEDiff checkpoint and the
+    base weights that were a pipe or a device said "not found" (or a base: "not an existing file")."""
+    cases = _special_paths(tmp_path)
+    if case not in cases:
+        pytest.skip(f"no {case} here")
+    path, message = cases[case]
+    with pytest.raises(ModelFileError, match=message.replace("a model file", what)) as caught:
+        load(path)
+    assert "not found" not in str(caught.value)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from vpdsr.backbones import backbone_config
 from vpdsr.errors import ModelFileError
+from vpdsr.paths import check_model_file
 
 from .diffusion import LatentDiffusion
 
@@ -54,8 +55,7 @@ def save_teacher(
 def load_teacher(path: str | Path) -> tuple[LatentDiffusion, dict[str, Any]]:
     """The teacher model (CPU, float32, eval) and its metadata (sampling steps, training info)."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"teacher file not found: {path} (train one with a stage: teacher config)")
+    check_model_file(path, "teacher file", "train one with a stage: teacher config")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}

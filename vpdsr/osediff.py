@@ -37,6 +37,7 @@ from .backbones import BackboneConfig, backbone_config, build_backbone
 from .errors import ModelFileError
 from .lora import LoraSpec, add_lora
 from .modelfile import Preprocess, StudentMeta, write_model_file
+from .paths import check_model_file
 from .weights import load_torch_checkpoint
 
 __all__ = [
@@ -154,8 +155,7 @@ def convert_osediff(
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelFileError(f"OSEDiff checkpoint not found: {path}")
+    check_model_file(path, "OSEDiff checkpoint")
     _check_intact(path)
     data = load_torch_checkpoint(
         path,

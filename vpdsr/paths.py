@@ -35,15 +35,19 @@ def model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
-def check_model_file(path: Path) -> None:
+def check_model_file(path: Path, what: str = "model file", missing_hint: str = "") -> None:
     """Refuse a path that is not a regular file, saying what it is: a folder, a pipe or a device
-    (``/dev/zero`` would never end, a FIFO waits forever for a writer) is not "not found"."""
+    (``/dev/zero`` would never end, a FIFO waits forever for a writer) is not "not found".
+
+    ``what`` names the kind of file the caller reads (``teacher file``, ``CLIP checkpoint``), and
+    ``missing_hint`` follows "not found" with where one comes from.
+    """
     try:
         info = path.stat()
     except FileNotFoundError:
         if path.is_symlink():
             raise ModelFileError(f"{path}: is a link to a missing file ({os.readlink(path)})") from None
-        raise ModelFileError(f"model file not found: {path}") from None
+        raise ModelFileError(f"{what} not found: {path}{f' ({missing_hint})' if missing_hint else ''}") from None
     except OSError as err:  # a path through a file, a folder we may not enter, a link loop
         raise ModelFileError(f"{path}: cannot be read ({err.strerror or err})") from None
     if stat.S_ISREG(info.st_mode):
@@ -57,4 +61,5 @@ def check_model_file(path: Path) -> None:
     else:
         kind = "a device"
     link = f" (a link to {os.readlink(path)})" if path.is_symlink() else ""
-    raise ModelFileError(f"{path}: is {kind}, not a model file{link}")
+    article = "an" if what[:1].lower() in "aeiou" else "a"
+    raise ModelFileError(f"{path}: is {kind}, not {article} {what}{link}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from torch import nn
 
 from .backbones import FAMILIES, BackboneConfig, BackboneFamily, backbone_config, backbone_family, detect_family
 from .errors import DownloadNotAllowed, MissingBaseError, ModelFileError
+from .paths import check_model_file
 
 __all__ = ["SINGLE_FILE_SUFFIXES", "BaseWeights", "load_base", "load_torch_checkpoint"]
 
@@ -97,6 +99,8 @@ def load_base(
         return _load_folder(config, path, str(path))
     if path.is_file():
         return _load_single_file(config, path)
+    if os.path.lexists(path):  # a pipe, a device, a dangling link: say what it is, not "not found"
+        check_model_file(path, "base checkpoint")
     text = str(source)
     if not allow_download:
         raise DownloadNotAllowed(

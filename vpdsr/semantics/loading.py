@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vpdsr.errors import ModelFileError
+from vpdsr.paths import check_model_file
 
 from . import layouts
 
@@ -272,8 +273,7 @@ class _WeightFile:
             if not inside:
                 raise ModelFileError(f"{path} is a folder without {' or '.join(_HF_WEIGHT_NAMES)}; it holds no CLIP.")
             path = inside[0]
-        if not path.is_file():
-            raise ModelFileError(f"CLIP checkpoint not found: {path}")
+        check_model_file(path, "CLIP checkpoint")
         if path.suffix.lower() not in SUFFIXES:
             raise ModelFileError(
                 f"{path.name}: unsupported CLIP checkpoint type {path.suffix!r}; use one of {', '.join(SUFFIXES)}."
