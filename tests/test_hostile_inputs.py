@@ -7,6 +7,8 @@ import errno
 import io
 import os
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -374,3 +376,20 @@ def test_a_decoder_error_without_words_is_named_by_its_type(monkeypatch):
     monkeypatch.setattr(imageio, "_open_within", silent_failure)
     with pytest.raises(ImageError, match=r"^x\.png: the image is corrupt or truncated \(EOFError\)$"):
         load_image(b"\x89PNG", name="x.png")
+
+
+def test_two_processes_upscaling_into_one_folder_both_succeed(tmp_path: Path):
+    """Two `vpdsr upscale` runs writing the same outputs (--overwrite: each writes every file), as sharded
+    multi-process runs will: under one shared temporary name a rename found its file gone (rc 1)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(photo_like(16, 16, seed=i)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "vpdsr", "upscale", str(folder), "-o", str(out), "--overwrite", "-q"]
+    runs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errs
+    assert all("failed" not in err and "Traceback" not in err for err in errs), errs
+    assert sorted(p.name for p in out.iterdir()) == [f"{i}.png" for i in range(6)]  # no temporary file left
+    assert all(Image.open(out / f"{i}.png").size == (64, 64) for i in range(6))

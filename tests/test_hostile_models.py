@@ -285,3 +285,21 @@ def test_every_model_path_that_is_not_a_file_says_what_it_is(tmp_path: Path, loa
     with pytest.raises(ModelFileError, match=message.replace("a model file", what)) as caught:
         load(path)
     assert "not found" not in str(caught.value)
+
+
+def test_two_writers_of_one_model_file_never_take_each_others_temporary_file(tmp_path: Path, monkeypatch):
+    """Every writer used ``name + ".tmp"``: one that finished first renamed the other's half-written
+    file away, and the other failed (or published the first one's bytes as its own)."""
+    tensors, meta = _default()
+    student_meta = modelfile.StudentMeta.from_json(json.dumps(meta), "default")
+    path, real_save, nested = tmp_path / "model.safetensors", modelfile.save_file, []
+
+    def another_writer_meanwhile(data: dict[str, torch.Tensor], filename: str, **options: object) -> None:
+        real_save(data, filename, **options)
+        if not nested:  # while this writer holds its temporary file, another writes the same model
+            nested.append(filename)
+            modelfile.write_model_file(path, student_meta, tensors)
+
+    monkeypatch.setattr(modelfile, "save_file", another_writer_meanwhile)
+    assert modelfile.write_model_file(path, student_meta, tensors) == path
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"] and load_student(path) is not None

@@ -439,3 +439,23 @@ def test_a_key_added_since_the_checkpoint_compares_as_its_default(recwarn):
     del saved["student"]["lora_rank"], saved["student"]["sr_teacher_dtype"], saved["data"]["crop_size"]
     check_resumed_config(load_config(None, ["stage=student"]), Path("ckpt"), {"config": saved, "step": 3})
     assert not recwarn.list
+
+
+def test_two_runs_sharing_the_sr_teacher_cache_write_their_own_temporary_files(tmp_path, monkeypatch):
+    """One fixed ``{key}.safetensors.tmp`` per entry: a run storing the crop another run was storing
+    renamed that run's file away, and the other's rename failed with FileNotFoundError."""
+    from trainer.losses import sr_teacher
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Upsample(scale_factor=2))
+    first, second = sr_teacher.SRTeacher(model, 2, tmp_path), sr_teacher.SRTeacher(model, 2, tmp_path)
+    lr, real_save, nested = torch.rand(1, 3, 4, 4), sr_teacher.save_file, []
+
+    def other_run_meanwhile(tensors: dict[str, torch.Tensor], filename: Path) -> None:
+        real_save(tensors, filename)
+        if not nested:  # while the first run holds its temporary file, the second computes the same crop
+            nested.append(filename)
+            second(lr)
+
+    monkeypatch.setattr(sr_teacher, "save_file", other_run_meanwhile)
+    assert torch.equal(first(lr), second(lr))
+    assert [p.suffix for p in tmp_path.iterdir()] == [".safetensors"] and first.computed == second.computed == 1

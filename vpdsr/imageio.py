@@ -12,7 +12,6 @@ import contextlib
 import errno
 import io
 import os
-import secrets
 import stat
 import struct
 import zlib
@@ -27,6 +26,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from .color import BAND_ROWS  # rows of whole-image work at a time, here on the way out
 from .errors import ImageError
+from .paths import private_temp_path
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -331,7 +331,7 @@ def save_image(image: Image.Image, path: str | Path, *, replace: bool = True) ->
     if not path.suffix:
         path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = private_temp_path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ImageError(f"{path.name}: unknown image format {path.suffix!r}; use .png")

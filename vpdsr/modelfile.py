@@ -33,7 +33,7 @@ from .color import RING_CLAMP, WAVELET_LEVELS, check_ring_clamp, check_wavelet_l
 from .errors import MissingBaseError, ModelFileError, NonFiniteWeights
 from .lora import LoraSpec, add_lora
 from .model import OneStepStudent
-from .paths import check_model_file
+from .paths import check_model_file, private_temp_path
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "RESIZES", "Preprocess", "StudentMeta", "load_student", "read_meta",
            "save_student", "write_model_file"]  # fmt: skip
@@ -254,12 +254,13 @@ def save_student(
 def write_model_file(path: str | Path, meta: StudentMeta, tensors: dict[str, torch.Tensor]) -> Path:
     """Write tensors and metadata as a model file; importers use it without building a student.
 
-    The file is written next to its destination and renamed into place, so an interrupted save
-    never leaves a truncated model where a good one was.
+    The file is written next to its destination under a name of this writer's own and renamed into
+    place, so an interrupted save never leaves a truncated model where a good one was, and two
+    processes exporting to one path do not take each other's half-written file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = private_temp_path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tmp.touch()  # a file made the usual way has the mode the user's umask gives; safetensors' own is 0600,
     mode = tmp.stat().st_mode  # which left trained models unreadable to the rest of a shared machine

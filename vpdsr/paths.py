@@ -8,6 +8,7 @@ neither, and the CLI checks a path here before it loads anything (``bench/startu
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from importlib import resources
 from pathlib import Path
@@ -33,6 +34,13 @@ def model_path(model: str | os.PathLike | None) -> Path:
     if path is None:
         raise NoDefaultModel("no embedded default model ships with this version of vpdsr yet; a student file is needed")
     return path
+
+
+def private_temp_path(path: Path) -> Path:
+    """A hidden name beside ``path`` that no other writer uses (process id and a random part): two
+    processes writing one output (two runs into a folder, a shared cache) never take, rename or
+    delete each other's half-written file, as they did under one fixed ``.tmp`` name."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 def check_model_file(path: Path, what: str = "model file", missing_hint: str = "") -> None:

@@ -15,6 +15,7 @@ a resumed or repeated run reads the same targets.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from vpdsr.paths import private_temp_path
 
 from ..config_loading import ConfigError
 from ..images import to_signed
@@ -126,9 +129,14 @@ class SRTeacher(nn.Module):
             self._memory[key] = sr_u8
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_dir / f"{key}.safetensors.tmp"
-            save_file({"sr": sr_u8}, tmp)
-            tmp.replace(self.cache_dir / f"{key}.safetensors")  # never a half-written entry
+            entry = self.cache_dir / f"{key}.safetensors"
+            tmp = private_temp_path(entry)  # runs sharing the cache each write their own
+            try:
+                save_file({"sr": sr_u8}, tmp)
+                tmp.replace(entry)  # never a half-written entry
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
 
     @torch.no_grad()
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
