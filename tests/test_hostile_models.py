@@ -7,8 +7,10 @@ give a black image, allocate without bound, or end in a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -215,8 +217,6 @@ def test_half_precision_weights_still_load(tmp_path: Path):
 
 
 def _special_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
-    import os
-
     folder = tmp_path / "folder.safetensors"
     folder.mkdir()
     cases = {"folder": (folder, "is a folder, not a model file")}
@@ -303,3 +303,20 @@ def test_two_writers_of_one_model_file_never_take_each_others_temporary_file(tmp
     monkeypatch.setattr(modelfile, "save_file", another_writer_meanwhile)
     assert modelfile.write_model_file(path, student_meta, tensors) == path
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"] and load_student(path) is not None
+
+
+def test_a_failed_clean_up_does_not_hide_why_a_model_write_failed(tmp_path: Path, monkeypatch):
+    tensors, meta = _default()
+    student_meta = modelfile.StudentMeta.from_json(json.dumps(meta), "default")
+
+    def disk_full(data: dict[str, torch.Tensor], filename: str, **options: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    def cannot_unlink(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(modelfile, "save_file", disk_full)
+    monkeypatch.setattr(Path, "unlink", cannot_unlink)
+    with pytest.raises(OSError) as raised:
+        modelfile.write_model_file(tmp_path / "model.safetensors", student_meta, tensors)
+    assert raised.value.errno == errno.ENOSPC

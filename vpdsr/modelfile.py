@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,7 +269,8 @@ def write_model_file(path: str | Path, meta: StudentMeta, tensors: dict[str, tor
         tmp.chmod(mode)
         tmp.replace(path)
     except BaseException:  # a full disk, Ctrl-C: no partial file is left to hold the space
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # a failed clean-up must not hide why the write failed
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
