@@ -63,8 +63,8 @@ class ShuffleDecoder(nn.Module):
         self.conv_in = nn.Conv2d(latent_channels, channels, 3, padding=1)
         self.blocks = nn.ModuleList(ResidualConvBlock(channels) for _ in range(blocks))
         self.act = nn.SiLU()
-        self.conv_base = nn.Conv2d(channels, out_channels, 3, padding=1)
         self.conv_out = nn.Conv2d(channels, out_channels * factor**2, 3, padding=1)
+        self.conv_base = nn.Conv2d(channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() looks for it
