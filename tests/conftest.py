@@ -15,15 +15,20 @@ from PIL import Image
 from vpdsr import OneStepStudent, build_backbone, pipeline, save_student, threads
 
 
-@pytest.fixture(autouse=True)
-def temp_files_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever a test leaves in a temp folder goes with its ``tmp_path``, which pytest cleans up: gradio
-    caches uploads and results in ``$GRADIO_TEMP_DIR`` (else ``/tmp/gradio``), and gradio_client makes a
-    40-hex-digit folder in the system temp folder for every file it downloads and leaves it there empty.
-    ``TMPDIR`` carries the same to the servers and commands the tests start."""
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_in_pytests_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Whatever a test leaves in a temp folder goes into pytest's own base folder, which pytest rotates
+    (it keeps the last three runs): gradio caches uploads and results in ``$GRADIO_TEMP_DIR`` (else
+    ``/tmp/gradio``), and gradio_client makes a 40-hex-digit folder in the system temp folder for every
+    file it downloads and leaves it there empty. ``TMPDIR`` carries the same to the servers and commands
+    the tests start. One folder for the session, not one per test: a demo served for a whole module
+    accepts only files under the temp folder it was started with."""
+    base = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(base / "gradio"))
+        patch.setenv("TMPDIR", str(base))
+        patch.setattr(tempfile, "tempdir", str(base))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
