@@ -272,7 +272,7 @@ def check_work(models: DemoModels, sizes: Sequence[tuple[int, int]], options: Up
         return  # loading the model refuses the request with its own message
     scale = resolve_scale(models.meta, options.scale)  # a bad scale gets the pipeline's own message
     run = network_scale(models.meta, options.scale)  # from the metadata alone: before any model loads
-    multiple = pad_multiple(models.meta)
+    multiple = models.meta.size_multiple
     pixels = [(round(w * run), round(h * run)) for w, h in sizes]
     padded = [(ceil_to(w, multiple), ceil_to(h, multiple)) for w, h in pixels]
     total, limit = sum(w * h for w, h in padded), models.config.max_output_pixels
@@ -290,14 +290,6 @@ def check_work(models: DemoModels, sizes: Sequence[tuple[int, int]], options: Up
         f"{limit / 1e6:.1f} megapixels per request. Use smaller images, or start the demo with a larger "
         f"{launch_option('--max-output-pixels')}"
     )
-
-
-def pad_multiple(meta: StudentMeta) -> int:
-    """The multiple ``VPDPipeline.multiple`` pads each side to, from the metadata alone, so that a
-    request is refused before any model loads."""
-    if meta.preprocess.pad_multiple:
-        return meta.preprocess.pad_multiple
-    return meta.backbone.vae_factor * 2 ** (len(meta.backbone.unet["block_out_channels"]) - 1)
 
 
 def upscale_image(

@@ -249,4 +249,4 @@ def test_the_work_limit_counts_the_padded_pixels(files: Path) -> None:
     with pytest.raises(VPDError, match=expected):
         engine.check_work(models, [(262144, 1)], engine.UpscaleOptions(scale=4), "line.png: 262144×1 at ×4")
     assert models._pipeline is None  # refused from the metadata alone
-    assert engine.pad_multiple(models.meta) == models.pipeline()[0].multiple  # the pipeline pads as counted
+    assert models.meta.size_multiple == models.pipeline()[0].multiple  # the pipeline pads as counted

@@ -100,6 +100,17 @@ class StudentMeta:
     # texture a generative student draws; "input" suits a student that only sharpens. Older files: "joint".
     ring_clamp: str = RING_CLAMP
 
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes are padded up to a multiple of this: ``preprocess.pad_multiple`` (8 for OSEDiff,
+        whose script feeds multiples of 8), else the VAE factor times the UNet's own downsampling. The
+        VAE needs only its factor: diffusers' UNet, and ``vpdsr.layerwise`` with it, resize each
+        upsampling to its skip connection's size, so latents of any size run. From the metadata alone,
+        so a front-end can size a request before any model loads."""
+        if self.preprocess.pad_multiple:
+            return self.preprocess.pad_multiple
+        return self.backbone.vae_factor * 2 ** (len(self.backbone.unet["block_out_channels"]) - 1)
+
     def to_json(self) -> str:
         return json.dumps(
             {

@@ -179,14 +179,8 @@ class VPDPipeline:
 
     @property
     def multiple(self) -> int:
-        """Pixel sizes are padded up to a multiple of this: the model file's ``preprocess.pad_multiple``
-        (8 for OSEDiff, whose script feeds multiples of 8), else the VAE factor times the UNet's own
-        downsampling. The VAE needs only its factor: diffusers' UNet, and ``vpdsr.layerwise`` with it,
-        resize each upsampling to its skip connection's size, so latents of any size run."""
-        if self.meta.preprocess.pad_multiple:
-            return self.meta.preprocess.pad_multiple
-        unet_down = 2 ** (len(self.student.unet.config.block_out_channels) - 1)
-        return self.student.vae_factor * unet_down
+        """Pixel sizes are padded up to a multiple of this (``StudentMeta.size_multiple``)."""
+        return self.meta.size_multiple
 
     def resolve_scale(self, scale: float | None) -> float:
         return resolve_scale(self.meta, scale)
