@@ -22,10 +22,9 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from bench.quality_io import to_image
 from trainer.batches import derive_seed
 from trainer.data import crop_patch, read_image, scan_images
 from trainer.degradations import DegradationConfig, degrade
@@ -37,11 +36,6 @@ def held_out(relative: str, every: int) -> bool:
     """Whether the photo at this relative path is a validation photo (one in ``every``)."""
     digest = hashlib.sha256(relative.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % every == 0
-
-
-def _save(t: torch.Tensor, path: Path) -> None:
-    arr = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(np.ascontiguousarray(arr)).save(path)
 
 
 def make_split(photos: Path, out: Path, every: int, crops: int, crop: int, seed: int, train: Path | None) -> int:
@@ -62,8 +56,8 @@ def make_split(photos: Path, out: Path, every: int, crops: int, crop: int, seed:
                 torch.manual_seed(derive_seed(seed, i, k, 1))
                 hr = crop_patch(arr, crop, random=True)
             lr, _ = degrade(hr[None], cfg, torch.Generator().manual_seed(derive_seed(seed, i, k, 2)), _SCALE)
-            _save(hr, out / "HR" / f"{stem}__{k}.png")
-            _save(lr[0], out / "LR" / f"{stem}__{k}.png")
+            to_image(hr[None]).save(out / "HR" / f"{stem}__{k}.png")
+            to_image(lr).save(out / "LR" / f"{stem}__{k}.png")
             count += 1
     (out / "photos.txt").write_text("".join(f"{r}\n" for _, r in val), encoding="utf-8")
     if train is not None:
